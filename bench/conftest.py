@@ -1,0 +1,74 @@
+"""Shared benchmark reporting.
+
+Each benchmark sets ``benchmark.group`` and ``benchmark.extra_info``:
+- ``"bytes"``: bytes the op must touch (read once + written once): GB/s is reported from it;
+- ``"reference": True`` on the baseline of its group: every other entry gets a speed-up ratio;
+- ``"memcpy_gbps"``: copy bandwidth of the same bytes (``memcpy_gbps`` fixture) for comparison.
+A table of GB/s and ratios is printed at the end of ``pytest bench/ --benchmark-only``.
+"""
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+
+import pytest
+import torch
+
+
+def _best_seconds(fn, repeat: int = 7) -> float:
+    best = float("inf")
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+_memcpy_cache: dict = {}
+
+
+@pytest.fixture(scope="session")
+def memcpy_gbps():
+    """memcpy_gbps(nbytes, device="cpu") -> GB/s of copying nbytes (read + write counted once each)."""
+
+    def measure(nbytes: int, device: str = "cpu") -> float:
+        key = (nbytes, device)
+        if key not in _memcpy_cache:
+            src = torch.empty(nbytes, dtype=torch.uint8, device=device).fill_(1)
+            dst = torch.empty_like(src)
+            sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+
+            def copy():
+                dst.copy_(src)
+                sync()
+
+            copy()
+            _memcpy_cache[key] = 2 * nbytes / _best_seconds(copy) / 1e9
+        return _memcpy_cache[key]
+
+    return measure
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    session = getattr(config, "_benchmarksession", None)
+    benches = [b for b in getattr(session, "benchmarks", []) if getattr(b, "stats", None)]
+    if not benches:
+        return
+    groups = defaultdict(list)
+    for b in benches:
+        groups[b.group or ""].append(b)
+    write = terminalreporter.write_line
+    terminalreporter.section("lens_fast: ratios and bandwidth (min times)")
+    for group, items in sorted(groups.items()):
+        ref = next((b for b in items if b.extra_info.get("reference")), None)
+        write(f"[{group}]")
+        for b in sorted(items, key=lambda b: b.stats.min):
+            t = b.stats.min
+            cols = [f"{b.name:<60}", f"{t * 1e3:10.3f} ms"]
+            if ref is not None:
+                cols.append(f"{ref.stats.min / t:8.2f}x vs ref")
+            if "bytes" in b.extra_info:
+                cols.append(f"{b.extra_info['bytes'] / t / 1e9:7.2f} GB/s")
+            if "memcpy_gbps" in b.extra_info:
+                cols.append(f"(memcpy {b.extra_info['memcpy_gbps']:.2f} GB/s)")
+            write("  " + "  ".join(cols))

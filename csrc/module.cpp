@@ -1,0 +1,34 @@
+// lens_fast._C: the pybind11 module. Functions take raw data pointers (ints) plus shapes and strides,
+// validated by the Python layer (lens_fast.ops, lens_fast.rle), so the module never links libtorch and
+// works with any torch version.
+#include "bindings.h"
+#include "cpu_features.h"
+#include "parallel.h"
+
+namespace lens_fast {
+
+namespace {
+std::atomic<int> g_num_threads{1};
+}
+
+int default_num_threads() { return g_num_threads.load(); }
+void set_default_num_threads(int n) { g_num_threads.store(n < 1 ? 1 : n); }
+
+void register_runtime(py::module_& m) {
+  m.def("cpu_has_avx2", &cpu_has_avx2, "True when the AVX2 paths are in use on this CPU.");
+  m.def("get_num_threads", &default_num_threads, "Default number of threads of the C++ ops.");
+  m.def("set_num_threads", &set_default_num_threads, py::arg("n"),
+        "Set the default number of threads of the C++ ops (>= 1).");
+#ifdef LENS_FAST_WITH_CUDA
+  m.attr("with_cuda") = true;
+#else
+  m.attr("with_cuda") = false;
+#endif
+}
+
+}  // namespace lens_fast
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "lens_fast native ops (C++ on the CPU, CUDA when built with it).";
+  lens_fast::register_runtime(m);
+}

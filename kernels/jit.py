@@ -1,0 +1,44 @@
+"""``jit``: a ``triton.jit`` that also runs on CPU tensors, through Triton's interpreter.
+
+A kernel launched with CUDA tensors compiles and runs as usual. A kernel launched with only CPU
+tensors runs under ``triton.runtime.interpreter`` (numpy, one program at a time; slow, for tests and
+machines without a GPU); no ``TRITON_INTERPRET`` variable is needed. Helpers called from kernels
+must be declared with this ``jit`` too. Under the interpreter, compute in fp32 (bf16 arithmetic there
+is wrong): load, ``.to(tl.float32)``, compute, cast on store.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from triton.runtime.interpreter import InterpretedFunction
+from triton.runtime.jit import JITFunction
+
+
+def _on_cuda(args: tuple, kwargs: dict) -> bool:
+    return any(isinstance(a, torch.Tensor) and a.is_cuda for a in (*args, *kwargs.values()))
+
+
+class DualJITFunction(JITFunction):
+    """A JITFunction that falls back to the interpreter when no argument lives on a GPU."""
+
+    def __init__(self, fn: Callable, **kwargs: Any) -> None:
+        super().__init__(fn, **kwargs)
+        self._interpreted = InterpretedFunction(fn, **kwargs)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        # Only reached when a kernel running under the interpreter calls this function as a helper;
+        # compiled kernels inline helpers and never call them from Python.
+        return self._interpreted(*args, **kwargs)
+
+    def run(self, *args: Any, grid: Any, warmup: bool, **kwargs: Any) -> Any:
+        if _on_cuda(args, kwargs):
+            return super().run(*args, grid=grid, warmup=warmup, **kwargs)
+        return self._interpreted.run(*args, grid=grid, warmup=warmup, **kwargs)
+
+
+def jit(fn: Callable | None = None, **kwargs: Any) -> Any:
+    """Decorator like ``triton.jit`` (same keyword arguments) returning a :class:`DualJITFunction`."""
+    if fn is None:
+        return lambda f: DualJITFunction(f, **kwargs)
+    return DualJITFunction(fn, **kwargs)

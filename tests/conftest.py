@@ -1,0 +1,34 @@
+"""Shared test setup: CUDA tests skip without a GPU; every test starts from a fresh, logged seed."""
+import os
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_CUDA:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def rng(request):
+    """A numpy Generator seeded from LENS_FAST_SEED (default: fresh) and reported on failure."""
+    import numpy as np
+
+    seed = int(os.environ.get("LENS_FAST_SEED", np.random.SeedSequence().entropy % 2**32))
+    request.node.user_properties.append(("seed", seed))
+    torch.manual_seed(seed)
+    return np.random.default_rng(seed)
+
+
+def pytest_runtest_makereport(item, call):
+    if call.excinfo is not None:
+        for name, value in item.user_properties:
+            if name == "seed":
+                item.add_report_section(call.when, "seed", f"LENS_FAST_SEED={value} reproduces this run")
