@@ -1,14 +1,19 @@
 """ops.mask_stats / ops.mask_iou: every backend against the torch reference and plain numpy."""
 from __future__ import annotations
 
+import functools
+import importlib
+
 import numpy as np
 import pytest
 import torch
 
+import lens_fast
 from lens_fast import ops
 from lens_fast.ops.mask_stats import mask_stats_torch
 
-BACKENDS = ["torch"]
+mask_stats_module = importlib.import_module("lens_fast.ops.mask_stats")  # the module, not the function
+BACKENDS = ["torch", "cpu", "cpu-portable"]
 DTYPES = [torch.bool, torch.uint8, torch.float32, torch.float16, torch.bfloat16]
 FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -36,6 +41,16 @@ def numpy_stats(pred: torch.Tensor, gt: torch.Tensor, threshold: float = 0.0):
                 box[idx + (k,)] = [xs.min(), ys.min(), xs.max(), ys.max()]
     union = pred_area + gt_area[..., None] - inter
     return inter, union, pred_area, gt_area, box
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request, monkeypatch):
+    """The backend argument to pass; "cpu-portable" is the C++ kernel with its AVX2 paths off."""
+    if request.param == "cpu-portable":
+        portable = functools.partial(mask_stats_module.mask_stats_cpu, use_avx2=False)
+        monkeypatch.setattr(mask_stats_module, "mask_stats_cpu", portable)
+        return "cpu"
+    return request.param
 
 
 def random_pred(rng, shape, dtype) -> torch.Tensor:
@@ -70,7 +85,6 @@ def assert_stats(stats: ops.MaskStats, pred: torch.Tensor, gt: torch.Tensor, thr
         np.testing.assert_array_equal(got.cpu().numpy(), want, err_msg=name)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize(
     "shape",
@@ -87,7 +101,6 @@ def test_random_masks_match_numpy_and_torch(rng, backend, dtype, shape):
         assert torch.equal(got, want)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", ["empty_pred", "empty_gt", "both_empty", "full", "one_pixel"])
 @pytest.mark.parametrize("dtype", [torch.uint8, torch.float32], ids=str)
 def test_edge_masks(backend, case, dtype):
@@ -116,7 +129,6 @@ def test_edge_masks(backend, case, dtype):
         assert torch.equal(stats.pred_box, torch.tensor([w - 1.0, h - 1, w - 1, h - 1]).expand(2, 3, 4))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", FLOATS, ids=str)
 @pytest.mark.parametrize("threshold", [0.0, 0.1, -0.75, 2.0, 1e-30, -1e30, float("inf"), float("-inf")])
 def test_thresholds(rng, backend, dtype, threshold):
@@ -128,7 +140,6 @@ def test_thresholds(rng, backend, dtype, threshold):
     assert_stats(stats, pred, gt, threshold)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_non_contiguous_views(rng, backend, dtype):
     pred = random_pred(rng, (2, 5, 4, 26, 19), dtype)
@@ -146,14 +157,12 @@ def test_non_contiguous_views(rng, backend, dtype):
         assert_stats(ops.mask_stats(p, g, backend=backend), p.contiguous(), g.contiguous())
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_broadcast_gt_and_leading_dims(rng, backend):
     pred = random_pred(rng, (3, 2, 4, 6, 8), torch.float16)
     gt = random_gt(rng, (1, 1, 6, 8)).expand(3, 2, 6, 8)  # stride-0 leading dims
     assert_stats(ops.mask_stats(pred, gt, backend=backend), pred, gt.contiguous())
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("shape", [(0, 3, 4, 5), (2, 0, 4, 5), (2, 3, 0, 5), (2, 3, 4, 0)])
 def test_zero_sized(backend, shape):
     pred = torch.ones(shape, dtype=torch.uint8)
@@ -164,7 +173,6 @@ def test_zero_sized(backend, shape):
     assert iou.shape == shape[:2] and iou.dtype == torch.float32
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_numpy_inputs(rng, backend):
     pred = rng.random((2, 3, 7, 5)) < 0.5
     gt = (rng.random((2, 7, 5)) < 0.5).astype(np.uint8)
@@ -172,7 +180,6 @@ def test_numpy_inputs(rng, backend):
     assert_stats(stats, torch.from_numpy(pred), torch.from_numpy(gt))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("empty", [1.0, 0.0, float("nan")])
 def test_mask_iou_values(rng, backend, empty):
     pred = random_pred(rng, (4, 8, 12, 10), torch.bfloat16)
@@ -188,14 +195,40 @@ def test_mask_iou_values(rng, backend, empty):
     assert union[1, 0] == 0
 
 
-def test_backends_agree_on_large_masks(rng):
-    pred = random_pred(rng, (2, 3, 97, 131), torch.float32)
-    gt = random_gt(rng, (2, 97, 131))
-    results = [ops.mask_stats(pred, gt, threshold=0.3, backend=b) for b in BACKENDS if b != "triton"]
-    for stats in results[1:]:
-        for got, want in zip(stats, results[0]):
-            assert torch.equal(got, want)
-    assert_stats(results[0], pred, gt, 0.3)
+@pytest.mark.parametrize("width", [63, 64, 65, 128, 131, 200])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_word_boundaries(rng, backend, dtype, width):
+    pred = random_pred(rng, (2, 3, 9, width), dtype)
+    pred[0, 0, 4, width - 1] = 10  # a lone pixel in the last column, in the tail word
+    gt = random_gt(rng, (2, 9, width))
+    assert_stats(ops.mask_stats(pred, gt, backend=backend), pred, gt)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_every_half_bit_pattern(backend, dtype):
+    """All 65536 fp16/bf16 values against float32 thresholds at and between representable values."""
+    pred = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(dtype).reshape(1, 1, 256, 256)
+    tiny = float(torch.finfo(dtype).smallest_normal) * (2.0**-10 if dtype == torch.float16 else 2.0**-7)
+    largest = float(torch.finfo(dtype).max)
+    for threshold in [0.0, -0.0, tiny, tiny / 2, -tiny, 0.1, -1.0, 1.0, 1.0 + 2**-11, 1.0 + 2**-10, 3.3e-39,
+                      largest, -largest, largest * 1.001, 3e38, -3e38, float("inf"), float("-inf")]:
+        want = pred.float() > np.float32(threshold)
+        stats = ops.mask_stats(pred, want[0], threshold=threshold, backend=backend)
+        area = int(want.sum())
+        assert stats.pred_area.item() == stats.intersection.item() == stats.gt_area.item() == area, threshold
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.bfloat16], ids=str)
+def test_cpu_threads(rng, dtype):
+    pred = random_pred(rng, (3, 5, 40, 70), dtype)
+    gt = random_gt(rng, (3, 40, 70))
+    before = lens_fast.get_num_threads()
+    try:
+        lens_fast.set_num_threads(2)
+        stats = ops.mask_stats(pred, gt, backend="cpu")
+    finally:
+        lens_fast.set_num_threads(before)
+    assert_stats(stats, pred, gt)
 
 
 def test_bad_inputs():

@@ -12,11 +12,18 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from lens_fast._backend import as_tensor, check_same_device, resolve_backend
+from lens_fast._backend import as_tensor, check_same_device, native, resolve_backend
 
 PRED_DTYPES = (torch.bool, torch.uint8, torch.float32, torch.float16, torch.bfloat16)
 GT_DTYPES = (torch.bool, torch.uint8)
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_NATIVE_DTYPE = {
+    torch.bool: "uint8",
+    torch.uint8: "uint8",
+    torch.float32: "float32",
+    torch.float16: "float16",
+    torch.bfloat16: "bfloat16",
+}
 
 
 class MaskStats(NamedTuple):
@@ -110,6 +117,39 @@ def _empty_stats(pred: torch.Tensor, gt: torch.Tensor) -> MaskStats:
     return MaskStats(zeros, union, zeros.clone(), gt_area, box)
 
 
+def rows_view(x: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """``x`` viewed as ``shape`` (same last dims) with contiguous rows; copies only when it must."""
+    if x.stride(-1) != 1 and x.shape[-1] != 1:
+        x = x.contiguous()
+    try:
+        return x.view(shape)
+    except RuntimeError:  # leading dims that no view can merge
+        return x.reshape(shape)
+
+
+def _new_stats(lead: torch.Size, device: torch.device) -> MaskStats:
+    """Uninitialised contiguous outputs for stats of shape ``lead`` = [..., G]."""
+    counts = [torch.empty(lead, dtype=torch.int64, device=device) for _ in range(3)]
+    gt_area = torch.empty(lead[:-1], dtype=torch.int64, device=device)
+    box = torch.empty((*lead, 4), dtype=torch.float32, device=device)
+    return MaskStats(counts[0], counts[1], counts[2], gt_area, box)
+
+
+def mask_stats_cpu(pred: torch.Tensor, gt: torch.Tensor, threshold: float, *, use_avx2: bool = True) -> MaskStats:
+    """The C++ kernel on valid, non-empty CPU inputs (``use_avx2=False``: the portable path)."""
+    groups, height, width = pred.shape[-3:]
+    pred4 = rows_view(pred, (-1, groups, height, width))
+    gt3 = rows_view(gt, (-1, height, width))
+    out = _new_stats(pred.shape[:-2], pred.device)
+    native().mask_stats(
+        pred4.data_ptr(), _NATIVE_DTYPE[pred.dtype], pred4.shape[0], groups, height, width,
+        *pred4.stride()[:3], gt3.data_ptr(), *gt3.stride()[:2], threshold,
+        out.intersection.data_ptr(), out.union.data_ptr(), out.pred_area.data_ptr(),
+        out.gt_area.data_ptr(), out.pred_box.data_ptr(), num_threads=0, use_avx2=use_avx2,
+    )  # fmt: skip
+    return out
+
+
 def mask_stats(
     pred: torch.Tensor, gt: torch.Tensor, threshold: float = 0.0, backend: Optional[str] = None
 ) -> MaskStats:
@@ -123,11 +163,13 @@ def mask_stats(
     """
     pred, gt = _check_inputs(pred, gt)
     threshold = _check_threshold(threshold, pred.dtype)
-    backend = resolve_backend(backend, pred.device, has_cpu=False)
+    backend = resolve_backend(backend, pred.device, has_cpu=True)
     if backend == "triton":
         raise ValueError("backend='triton': the Triton kernel of mask_stats is not merged yet; use 'torch'")
     if pred.numel() == 0:
         return _empty_stats(pred, gt)
+    if backend == "cpu":
+        return mask_stats_cpu(pred, gt, threshold)
     return mask_stats_torch(foreground(pred, threshold), gt != 0)
 
 
