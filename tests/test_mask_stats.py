@@ -13,7 +13,7 @@ from lens_fast import ops
 from lens_fast.ops.mask_stats import mask_stats_torch
 
 mask_stats_module = importlib.import_module("lens_fast.ops.mask_stats")  # the module, not the function
-BACKENDS = ["torch", "cpu", "cpu-portable"]
+BACKENDS = ["torch", "cpu", "cpu-portable", "triton"]
 DTYPES = [torch.bool, torch.uint8, torch.float32, torch.float16, torch.bfloat16]
 FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -129,6 +129,7 @@ def test_edge_masks(backend, case, dtype):
         assert torch.equal(stats.pred_box, torch.tensor([w - 1.0, h - 1, w - 1, h - 1]).expand(2, 3, 4))
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered in cast:RuntimeWarning")  # interpreter, NaN halves
 @pytest.mark.parametrize("dtype", FLOATS, ids=str)
 @pytest.mark.parametrize("threshold", [0.0, 0.1, -0.75, 2.0, 1e-30, -1e30, float("inf"), float("-inf")])
 def test_thresholds(rng, backend, dtype, threshold):
@@ -204,6 +205,7 @@ def test_word_boundaries(rng, backend, dtype, width):
     assert_stats(ops.mask_stats(pred, gt, backend=backend), pred, gt)
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered in cast:RuntimeWarning")  # interpreter, NaN halves
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_every_half_bit_pattern(backend, dtype):
     """All 65536 fp16/bf16 values against float32 thresholds at and between representable values."""
@@ -229,6 +231,23 @@ def test_cpu_threads(rng, dtype):
     finally:
         lens_fast.set_num_threads(before)
     assert_stats(stats, pred, gt)
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float32, torch.bfloat16], ids=str)
+def test_triton_gpu_tiling_under_interpreter(rng, dtype):
+    """The launch shapes a GPU gets (several tiles, row steps and group blocks), run interpreted."""
+    from lens_fast.kernels import mask_stats as kernel
+
+    def check(pred, gt, launch):
+        out = mask_stats_module._new_stats(pred.shape[:-2], pred.device)
+        kernel.mask_stats(pred, gt, 0.0, *out, launch=launch)
+        assert_stats(out, pred, gt)
+
+    pred = random_pred(rng, (2, 11, 21, 150), dtype)
+    check(pred, random_gt(rng, (2, 21, 150), torch.uint8), kernel.tiling(pred.shape, pred.element_size(), True))
+    pred = random_pred(rng, (1, 6, 13, 70), dtype)  # many small tiles: every loop and mask of both passes
+    small = kernel.Tiling(group_block=4, block_h=4, block_w=32, row_steps=2, mask_block=4, tile_block=4)
+    check(pred, random_gt(rng, (1, 13, 70), torch.uint8), small)
 
 
 def test_bad_inputs():

@@ -7,6 +7,7 @@ scored against one ground truth). One pass: each ``pred`` element is read once.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import NamedTuple, Optional
 
@@ -150,6 +151,21 @@ def mask_stats_cpu(pred: torch.Tensor, gt: torch.Tensor, threshold: float, *, us
     return out
 
 
+def _mask_stats_triton(pred: torch.Tensor, gt: torch.Tensor, threshold: float) -> MaskStats:
+    """The Triton kernel on valid, non-empty inputs (CUDA, or CPU under the interpreter)."""
+    from lens_fast.kernels import mask_stats as kernel
+
+    groups, height, width = pred.shape[-3:]
+    if pred.dtype == torch.bool:
+        pred = pred.view(torch.uint8)
+    pred4 = rows_view(pred, (-1, groups, height, width))
+    gt3 = rows_view(gt.view(torch.uint8) if gt.dtype == torch.bool else gt, (-1, height, width))
+    out = _new_stats(pred.shape[:-2], pred.device)
+    with torch.cuda.device(pred.device) if pred.is_cuda else contextlib.nullcontext():
+        kernel.mask_stats(pred4, gt3, threshold, *out)
+    return out
+
+
 def mask_stats(
     pred: torch.Tensor, gt: torch.Tensor, threshold: float = 0.0, backend: Optional[str] = None
 ) -> MaskStats:
@@ -163,13 +179,13 @@ def mask_stats(
     """
     pred, gt = _check_inputs(pred, gt)
     threshold = _check_threshold(threshold, pred.dtype)
-    backend = resolve_backend(backend, pred.device, has_cpu=True)
-    if backend == "triton":
-        raise ValueError("backend='triton': the Triton kernel of mask_stats is not merged yet; use 'torch'")
+    backend = resolve_backend(backend, pred.device)
     if pred.numel() == 0:
         return _empty_stats(pred, gt)
     if backend == "cpu":
         return mask_stats_cpu(pred, gt, threshold)
+    if backend == "triton":
+        return _mask_stats_triton(pred, gt, threshold)
     return mask_stats_torch(foreground(pred, threshold), gt != 0)
 
 
