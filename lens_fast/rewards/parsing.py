@@ -34,6 +34,8 @@ _MAX_JSON_STARTS = 8  # '{' / '[' positions tried with json.raw_decode: bounded 
 
 # Regexes without nested or adjacent ambiguous quantifiers, so that matching is linear in the text.
 _NUM = r"([-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?)"
+NUMBER = re.compile(_NUM)
+"""A decimal number as written in answers (sign, fraction, exponent); group 1 is its text."""
 _SEP = r"\s*,\s*"
 _BRACKETS = re.compile(rf"\[\s*{_NUM}{_SEP}{_NUM}{_SEP}{_NUM}{_SEP}{_NUM}\s*\]")
 _PARENS = re.compile(rf"\(\s*{_NUM}{_SEP}{_NUM}{_SEP}{_NUM}{_SEP}{_NUM}\s*\)")
