@@ -117,6 +117,12 @@ def scale_points(points: torch.Tensor, scale: Optional[torch.Tensor]) -> torch.T
     return points if scale is None else points * scale.unsqueeze(-2)
 
 
+def points_in_boxes(points: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+    """Whether each point [..., 2] lies inside its xyxy box [..., 4] (edges included; broadcast)."""
+    x, y = points[..., 0], points[..., 1]
+    return (x >= boxes[..., 0]) & (x <= boxes[..., 2]) & (y >= boxes[..., 1]) & (y <= boxes[..., 3])
+
+
 def as_float(flags: Sequence[bool] | Sequence[float], device: torch.device) -> torch.Tensor:
     """A list of flags or numbers as float32 [N] on ``device``."""
     return torch.tensor([float(f) for f in flags], dtype=torch.float32).to(device)

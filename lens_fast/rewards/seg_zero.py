@@ -16,6 +16,7 @@ from lens_fast.rewards.batch import (
     pack_boxes,
     pack_points,
     parse_all,
+    points_in_boxes,
     scale_boxes,
     scale_points,
     total,
@@ -81,10 +82,7 @@ def seg_zero_reward(
     widths = PIXEL_WIDTHS.to(device)
     iou = ops.box_iou_aligned(boxes + widths, gt_box + widths)
     l1 = (boxes - gt_box).abs().mean(dim=-1)
-    inside = (
-        (points[..., 0] >= boxes[:, None, 0]) & (points[..., 0] <= boxes[:, None, 2])
-        & (points[..., 1] >= boxes[:, None, 1]) & (points[..., 1] <= boxes[:, None, 3])
-    ).all(dim=-1)
+    inside = points_in_boxes(points, boxes[:, None]).all(dim=-1)
     straight = (points - gt_point).norm(dim=-1).mean(dim=-1)
     crossed = (points - gt_point.flip(-2)).norm(dim=-1).mean(dim=-1)
     points_ok = points_valid & box_valid & inside & (torch.minimum(straight, crossed) < point_threshold)

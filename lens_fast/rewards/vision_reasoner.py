@@ -18,6 +18,7 @@ from lens_fast.rewards.batch import (
     pack_boxes,
     pack_points,
     parse_all,
+    points_in_boxes,
     scale_boxes,
     scale_points,
     total,
@@ -120,11 +121,7 @@ def vision_reasoner_reward(
         scale = scale.repeat_interleave(groups, dim=0).repeat_interleave(torch.from_numpy(pred_counts), dim=0)
     pred_box = scale_boxes(pred_box, scale)
     pred_point = scale_points(pred_point, scale)[:, 0]
-    inside = (
-        (pred_point[:, 0] >= pred_box[:, 0]) & (pred_point[:, 0] <= pred_box[:, 2])
-        & (pred_point[:, 1] >= pred_box[:, 1]) & (pred_point[:, 1] <= pred_box[:, 3])
-    )
-    point_usable = point_valid & box_valid & inside
+    point_usable = point_valid & box_valid & points_in_boxes(pred_point, pred_box)
     gt_box = torch.cat(gt_box_list)
     gt_point = torch.cat(gt_point_list)
 
