@@ -71,7 +71,7 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.i
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("masks", ["fp32_logits", "bool"])
-@pytest.mark.parametrize("path", ["naive_loop", "fused", "fused_torch_backend"])
+@pytest.mark.parametrize("path", ["naive_loop", "fused"])
 def test_lens_reward_batch(benchmark, memcpy_gbps, one_thread, device, masks, path):
     texts, gt_boxes, logits, gt = make_batch(device)
     pred = logits if masks == "fp32_logits" else logits > 0
@@ -87,10 +87,8 @@ def test_lens_reward_batch(benchmark, memcpy_gbps, one_thread, device, masks, pa
             sync()
             return out
     else:
-        backend = "torch" if path == "fused_torch_backend" else None
-
         def run():
-            out = lens_reward(texts, gt_boxes, pred_masks=pred, gt_masks=gt, cot=True, backend=backend).reward
+            out = lens_reward(texts, gt_boxes, pred_masks=pred, gt_masks=gt, cot=True).reward
             sync()
             return out
 
