@@ -53,7 +53,8 @@ def seg_zero_reward(
     - ``think_format``: the whole text is ``<think>…</think>\\s*<answer>…</answer>``;
     - ``json_format``: :func:`seg_zero_json_format`;
     - ``box_iou``: IoU(box, gt box) > ``iou_threshold``, widths counted as x2 - x1 + 1 (one fused
-      ``ops.box_iou_aligned`` call for the batch; degenerate boxes have zero area);
+      ``ops.box_iou_aligned`` call for the batch; degenerate boxes have zero area where Seg-Zero let
+      areas go negative, and boxes meeting at one pixel column share it where Seg-Zero counted 0);
     - ``box_l1``: mean |coordinate difference| < ``l1_threshold`` pixels;
     - ``points``: both predicted points inside the predicted box (inclusive) and, over the two
       pairings with the ground-truth points, the smaller mean distance < ``point_threshold``.
