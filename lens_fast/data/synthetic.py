@@ -58,15 +58,15 @@ EXTREME_WORDS = {"left": "leftmost", "right": "rightmost", "above": "topmost", "
 class SyntheticConfig:
     """Scene parameters. Sides are pixels; aspect is width / height, drawn log-uniformly."""
 
-    min_side: int = 80
-    max_side: int = 240
+    min_side: int = 96
+    max_side: int = 256
     max_aspect: float = 2.0
     min_objects: int = 2
     max_objects: int = 5
     min_radius: float = 0.08  # object radius as a fraction of the image's shorter side
     max_radius: float = 0.22
     min_visible: float = 0.6  # fraction of an object's own area left visible under occluders
-    pixel_noise: float = 3.0  # std of the Gaussian noise added to every pixel
+    pixel_noise: float = 3.0  # std of the Gaussian brightness noise added to every pixel
 
     def __post_init__(self) -> None:
         if not (16 <= self.min_side <= self.max_side):
@@ -88,7 +88,8 @@ class SyntheticConfig:
 @dataclass
 class SceneObject:
     """One object: attributes, visible pixels (bool [H, W]), their box (xyxy) and area, and the area
-    it had before later objects covered part of it."""
+    it had before later objects covered part of it. ``centre`` and ``extent`` (width, height) are the
+    visible box's."""
 
     shape: str
     colour: str
@@ -96,16 +97,13 @@ class SceneObject:
     box: np.ndarray
     area: int
     drawn_area: int
+    centre: Tuple[float, float] = field(init=False)
+    extent: Tuple[float, float] = field(init=False)
 
-    @property
-    def centre(self) -> Tuple[float, float]:
-        x1, y1, x2, y2 = self.box
-        return (float(x1 + x2) / 2, float(y1 + y2) / 2)
-
-    @property
-    def extent(self) -> Tuple[float, float]:
-        x1, y1, x2, y2 = self.box
-        return (float(x2 - x1), float(y2 - y1))
+    def __post_init__(self) -> None:
+        x1, y1, x2, y2 = (float(v) for v in self.box)
+        self.centre = ((x1 + x2) / 2, (y1 + y2) / 2)
+        self.extent = (x2 - x1, y2 - y1)
 
 
 @dataclass
@@ -295,7 +293,7 @@ def _render(rng: np.random.Generator, config: SyntheticConfig, height: int, widt
     for _, colour, _, visible in placed:
         rgb = np.asarray(COLOURS[colour], dtype=np.float32) + rng.uniform(-12, 12, size=3)
         image[visible] = rgb
-    image += config.pixel_noise * rng.standard_normal(size=image.shape, dtype=np.float32)
+    image += config.pixel_noise * rng.standard_normal(size=(height, width, 1), dtype=np.float32)
     return np.clip(np.rint(image), 0, 255).astype(np.uint8)
 
 
@@ -411,7 +409,8 @@ def predict_largest_object(
     if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
         got = f"{image.dtype} {image.shape}" if isinstance(image, np.ndarray) else type(image).__name__
         raise ValueError(f"image must be a uint8 numpy array [H, W, 3], got {got}")
-    mx, mn = image.max(axis=2), image.min(axis=2)
+    r, g, b = image[..., 0], image[..., 1], image[..., 2]
+    mx, mn = np.maximum(np.maximum(r, g), b), np.minimum(np.minimum(r, g), b)
     foreground = (mx - mn) > min_saturation * np.maximum(mx, 1).astype(np.float32)
     best = np.zeros(image.shape[:2], dtype=bool)
     if not foreground.any():
