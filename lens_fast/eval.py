@@ -328,7 +328,8 @@ def _table(metrics: Mapping[str, object], run: Mapping[str, object], id_counts: 
         rows.append(("unknown ids", f"{id_counts['unknown']}  (ignored)"))
     if id_counts["beyond_limit"]:
         rows.append(("beyond --limit", f"{id_counts['beyond_limit']}  (ignored)"))
-    rows.append(("empty union", f"{metrics['empty_union_iou']:.0f}  ({EMPTY_UNION_POLICIES[metrics['empty_union_iou']]})"))
+    policy = metrics["empty_union_iou"]
+    rows.append(("empty-union IoU", f"{policy:.0f}  ({EMPTY_UNION_POLICIES[policy]})"))
     width = max(len(k) for k, _ in rows)
     lines = [f"lens_fast.eval: {name} {run['split']}, {source}", f"{'metric'.ljust(width)}  value", f"{'-' * width}  -----"]
     lines += [f"{k.ljust(width)}  {v}" for k, v in rows]
