@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import triton
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -284,6 +285,35 @@ def test_cpu_kernel_on_random_layouts(data, dtype, shape, threshold):
     for use_avx2 in (True, False):
         stats = mask_stats_module.mask_stats_cpu(pred, gt, float(np.float32(threshold)), use_avx2=use_avx2)
         assert_stats(stats, pred.contiguous(), gt.contiguous(), threshold)
+
+
+@pytest.mark.skipif(not triton.__version__.startswith("3.8."), reason="triton.compile's signature API of 3.8")
+def test_triton_kernels_compile_for_cuda_without_gpu():
+    """The compiled (not interpreted) path: both kernels build for sm_90, with vector loads."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from lens_fast.kernels import mask_stats as kernel
+
+    launch = kernel.tiling((8, 8, 480, 640), 1, compiled=True)
+    ints = ["groups", "height", "width", "pred_stride_batch", "pred_stride_group", "pred_stride_row",
+            "gt_stride_batch", "gt_stride_row"]  # fmt: skip
+    for kind, pointer in [(0, "*u8"), (1, "*fp32"), (2, "*i16")]:
+        signature = {"pred_ptr": pointer, "gt_ptr": "*u8", "partial_ptr": "*i32", "gt_partial_ptr": "*i32",
+                     **{name: "i32" for name in ints}, "threshold": "fp32", "n_masks": "i32", "n_tiles": "i32"}  # fmt: skip
+        constexprs = {"PRED_KIND": kind, "GROUP_BLOCK": launch.group_block, "BLOCK_H": launch.block_h,
+                      "BLOCK_W": launch.block_w, "ROW_STEPS": launch.row_steps}  # fmt: skip
+        signature.update({name: "constexpr" for name in constexprs})
+        aligned = {(i,): [["tt.divisibility", 16]] for i in range(12)}  # as Triton specialises 480 x 640
+        compiled = triton.compile(
+            ASTSource(kernel._mask_stats_tiles, signature, constexprs, aligned), target=GPUTarget("cuda", 90, 32)
+        )
+        assert "ld.global.v4.b32" in compiled.asm["ptx"]
+    signature = {"partial_ptr": "*i32", "gt_partial_ptr": "*i32", **{f"{n}_ptr": "*i64" for n in
+                 ("intersection", "union", "pred_area", "gt_area")}, "pred_box_ptr": "*fp32", "groups": "i32",
+                 "n_masks": "i32", "n_tiles": "i32", "MASK_BLOCK": "constexpr", "TILE_BLOCK": "constexpr"}  # fmt: skip
+    constexprs = {"MASK_BLOCK": launch.mask_block, "TILE_BLOCK": launch.tile_block}
+    triton.compile(ASTSource(kernel._mask_stats_finish, signature, constexprs), target=GPUTarget("cuda", 90, 32))
 
 
 def test_bad_inputs():
