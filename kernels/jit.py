@@ -3,8 +3,10 @@
 A kernel launched with CUDA tensors compiles and runs as usual. A kernel launched with only CPU
 tensors runs under ``triton.runtime.interpreter`` (numpy, one program at a time; slow, for tests and
 machines without a GPU); no ``TRITON_INTERPRET`` variable is needed. Helpers called from kernels
-must be declared with this ``jit`` too. Under the interpreter, compute in fp32 (bf16 arithmetic there
-is wrong): load, ``.to(tl.float32)``, compute, cast on store.
+must be declared with this ``jit`` too; Triton's own jit'd library functions (``tl.sum``, ``tl.max``,
+``tl.zeros``, ``tl.cdiv``, ...) are interpreted while an interpreted kernel runs. Under the
+interpreter, compute in fp32 (bf16 arithmetic there is wrong): load, ``.to(tl.float32)``, compute,
+cast on store.
 """
 from __future__ import annotations
 
@@ -17,6 +19,19 @@ from triton.runtime.jit import JITFunction
 
 def _on_cuda(args: tuple, kwargs: dict) -> bool:
     return any(isinstance(a, torch.Tensor) and a.is_cuda for a in (*args, *kwargs.values()))
+
+
+_interpreted_library: dict = {}
+
+
+def _call_library_interpreted(self: JITFunction, *args: Any, **kwargs: Any) -> Any:
+    """``JITFunction.__call__`` while a kernel is interpreted: run Triton's jit'd library function
+    (e.g. ``tl.sum``, ``tl.zeros``), which is a plain JITFunction unless TRITON_INTERPRET was set at
+    import, through the interpreter."""
+    helper = _interpreted_library.get(self.fn)
+    if helper is None:
+        helper = _interpreted_library[self.fn] = InterpretedFunction(self.fn)
+    return helper(*args, **kwargs)
 
 
 class DualJITFunction(JITFunction):
@@ -34,7 +49,12 @@ class DualJITFunction(JITFunction):
     def run(self, *args: Any, grid: Any, warmup: bool, **kwargs: Any) -> Any:
         if _on_cuda(args, kwargs):
             return super().run(*args, grid=grid, warmup=warmup, **kwargs)
-        return self._interpreted.run(*args, grid=grid, warmup=warmup, **kwargs)
+        library_call = JITFunction.__call__
+        JITFunction.__call__ = _call_library_interpreted
+        try:
+            return self._interpreted.run(*args, grid=grid, warmup=warmup, **kwargs)
+        finally:
+            JITFunction.__call__ = library_call
 
 
 def jit(fn: Callable | None = None, **kwargs: Any) -> Any:
