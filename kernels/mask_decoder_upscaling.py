@@ -253,10 +253,16 @@ def _block(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
 
-def _launch_config(x: torch.Tensor, C: int, C4: int, C8: int, T: int) -> dict:
-    """Block sizes and matrix-product precision; one configuration per device kind."""
-    if x.is_cuda:
-        dot_kind = {torch.float16: _DOT_FP16, torch.bfloat16: _DOT_BF16}.get(x.dtype, _DOT_FP32)
+FWD_NUM_WARPS, BWD_NUM_WARPS = 4, 8
+
+
+def launch_config(on_cuda: bool, dtype: torch.dtype, C: int, C4: int, C8: int, T: int) -> dict:
+    """Constexpr arguments of both kernels: block sizes and matrix-product precision.
+
+    One configuration per device kind (compiled GPU code / interpreter), for inputs of ``dtype``.
+    """
+    if on_cuda:
+        dot_kind = {torch.float16: _DOT_FP16, torch.bfloat16: _DOT_BF16}.get(dtype, _DOT_FP32)
         precision = "tf32" if torch.backends.cudnn.allow_tf32 else "ieee"
         block_p, block_k = 64, min(64, _block(C))
     else:  # interpreter: fp32 everywhere, few big blocks
@@ -286,11 +292,11 @@ def mask_decoder_upscaling_forward(
     T = hyper_in.shape[1]
     C4, C8 = w1.shape[2], w2.shape[2]
     out = torch.empty((B, T, 4 * height, 4 * width), dtype=src.dtype, device=src.device)
-    config = _launch_config(src, C, C4, C8, T)
+    config = launch_config(src.is_cuda, src.dtype, C, C4, C8, T)
     grid = (triton.cdiv(HW, config["BLOCK_P"]), B)
     mask_decoder_upscaling_fwd_kernel[grid](
         src, hyper_in, w1, b1, norm_w, norm_b, w2, b2, out,
-        width, HW, C, C4, C8, T, eps, **config, num_warps=4,
+        width, HW, C, C4, C8, T, eps, **config, num_warps=FWD_NUM_WARPS,
     )
     return out
 
@@ -307,7 +313,7 @@ def mask_decoder_upscaling_backward(
     B, HW, C = src.shape
     T = hyper_in.shape[1]
     C4, C8 = w1.shape[2], w2.shape[2]
-    config = _launch_config(src, C, C4, C8, T)
+    config = launch_config(src.is_cuda, src.dtype, C, C4, C8, T)
     bp, bc4, bc8, bt = config["BLOCK_P"], config["BLOCK_C4"], config["BLOCK_C8"], config["BLOCK_T"]
     num_blocks = triton.cdiv(HW, bp)
     programs = _num_pixel_programs(num_blocks, B, src.device)
@@ -323,7 +329,7 @@ def mask_decoder_upscaling_backward(
     mask_decoder_upscaling_bwd_kernel[(programs, B)](
         src, hyper_in, w1, b1, norm_w, norm_b, w2, b2, grad_out,
         grad_pre1, part_hyper, part_w2, part_b2, part_norm_w, part_norm_b,
-        width, HW, C, C4, C8, T, eps, num_blocks, **config, num_warps=8,
+        width, HW, C, C4, C8, T, eps, num_blocks, **config, num_warps=BWD_NUM_WARPS,
     )
     grad_pre1 = grad_pre1.view(B * HW, 4 * C4)
     grad_src = grad_w1 = None

@@ -72,17 +72,19 @@ def mask_decoder_upscaling_torch(
 
 def _per_pixel_upscaling(src, hyper_in, size, conv1_w, conv1_b, norm_w, norm_b, conv2_w, conv2_b, eps):
     height, width = size
-    batch, _, dim = src.shape
-    f32 = [t.float() for t in (src, hyper_in, conv1_w, conv1_b, norm_w, norm_b, conv2_w, conv2_b)]
-    x, hyper, conv1_w, conv1_b, norm_w, norm_b, conv2_w, conv2_b = f32
-    # First transposed conv: per pixel, (C) -> (C/4 channels, 4 taps d1 = 2*di + dj).
-    pre1 = torch.einsum("bpc,cokl->bpklo", x, conv1_w) + conv1_b
-    z1 = F.gelu(F.layer_norm(pre1, (dim // 4,), norm_w, norm_b, eps))
-    # Second transposed conv: per sub-pixel, (C/4) -> (C/8 channels, 4 taps d2 = 2*ei + ej).
-    z2 = F.gelu(torch.einsum("bpklo,oqmn->bpklmnq", z1, conv2_w) + conv2_b)
-    logits = torch.einsum("bpklmnq,btq->btpklmn", z2, hyper)
-    # (B, T, h, w, di, dj, ei, ej) -> rows 4i + 2di + ei, columns 4j + 2dj + ej.
-    logits = logits.reshape(batch, -1, height, width, 2, 2, 2, 2).permute(0, 1, 2, 4, 6, 3, 5, 7)
+    batch, pixels, dim = src.shape
+    c4, c8 = dim // 4, dim // 8
+    x, hyper, conv1_w, conv1_b, norm_w, norm_b, conv2_w, conv2_b = (
+        t.float() for t in (src, hyper_in, conv1_w, conv1_b, norm_w, norm_b, conv2_w, conv2_b)
+    )
+    # First transposed conv per pixel: (C) -> (4 taps d1 = 2*di + dj, C/4); LayerNorm2d, GELU.
+    pre1 = (x.reshape(-1, dim) @ conv1_w.permute(0, 2, 3, 1).reshape(dim, 4 * c4)).view(-1, 4, c4) + conv1_b
+    z1 = F.gelu(F.layer_norm(pre1, (c4,), norm_w, norm_b, eps))
+    # Second per sub-pixel: (C/4) -> (4 taps d2 = 2*ei + ej, C/8); GELU. Rows: pixel, d1, d2.
+    pre2 = (z1.reshape(-1, c4) @ conv2_w.permute(0, 2, 3, 1).reshape(c4, 4 * c8)).view(-1, 4, c8) + conv2_b
+    logits = F.gelu(pre2).view(batch, pixels * 16, c8) @ hyper.transpose(1, 2)
+    # (B, i, j, di, dj, ei, ej, T) -> (B, T, rows 4i + 2di + ei, columns 4j + 2dj + ej).
+    logits = logits.view(batch, height, width, 2, 2, 2, 2, -1).permute(0, 7, 1, 3, 5, 2, 4, 6)
     return logits.reshape(batch, -1, 4 * height, 4 * width).to(src.dtype)
 
 
