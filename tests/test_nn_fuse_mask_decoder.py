@@ -57,8 +57,8 @@ def run_with_grads(decoder: MaskDecoder, inputs: dict, multimask: bool, seed: in
     decoder.zero_grad(set_to_none=True)
     masks, iou_pred = decoder(**inputs, multimask_output=multimask)
     gen = torch.Generator().manual_seed(seed)
-    loss = (masks * torch.randn(masks.shape, generator=gen)).sum() + (iou_pred * torch.randn(iou_pred.shape, generator=gen)).sum()
-    loss.backward()
+    weights = [torch.randn(t.shape, generator=gen).to(t.device) for t in (masks, iou_pred)]
+    ((masks.float() * weights[0]).sum() + (iou_pred.float() * weights[1]).sum()).backward()
     grads = {f"input.{k}": v.grad for k, v in inputs.items()}
     grads.update({n: p.grad for n, p in decoder.named_parameters()})
     return masks.detach(), iou_pred.detach(), grads
@@ -109,26 +109,30 @@ def upscaling_reference(src, hyper_in, size, upscaling):
     return (hyper_in @ upscaled.view(b, c, h * w)).view(b, -1, h, w)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_precision_op_close_to_fp32(rng, backend, dtype):
-    """The fused op on half inputs against segment_anything's computation in fp32 on the same values."""
-    dim, size, batch, tokens = 64, (5, 7), 2, 4
-    upscaling = make_decoder(dim).output_upscaling.to(dtype)
-    src = torch.randn(batch, 35, dim, dtype=dtype, requires_grad=True)
-    hyper_in = torch.randn(batch, tokens, dim // 8, dtype=dtype, requires_grad=True)
+def check_op_against_fp32(backend, dtype, dim, size, batch, tokens, device, tol):
+    """The fused op on ``dtype`` inputs against segment_anything's computation in fp32 on the same values."""
+    upscaling = make_decoder(dim).output_upscaling.to(device, dtype)
+    height, width = size
+    src = torch.randn(batch, height * width, dim).to(device, dtype).requires_grad_(True)
+    hyper_in = torch.randn(batch, tokens, dim // 8).to(device, dtype).requires_grad_(True)
     got = mask_decoder_upscaling(src, hyper_in, size, upscaling, backend=backend)
     reference = copy.deepcopy(upscaling).float()
     src32, hyper32 = (t.detach().float().requires_grad_(True) for t in (src, hyper_in))
     want = upscaling_reference(src32, hyper32, size, reference)
     assert got.dtype == dtype
-    assert rel_err(got, want) <= 2e-2
+    assert rel_err(got, want) <= tol
     grad = torch.randn_like(want)
     got_grads = torch.autograd.grad(got, [src, hyper_in, *upscaling.parameters()], grad.to(dtype))
     want_grads = torch.autograd.grad(want, [src32, hyper32, *reference.parameters()], grad)
     for i, (g, w) in enumerate(zip(got_grads, want_grads)):
         assert g.dtype == dtype
-        assert rel_err(g, w) <= 2e-2, i
+        assert rel_err(g, w) <= tol, i
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_op_close_to_fp32(rng, backend, dtype):
+    check_op_against_fp32(backend, dtype, 64, (5, 7), 2, 4, "cpu", 2e-2)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -322,36 +326,33 @@ def test_mask_decoder_upscaling_rejects_bad_inputs():
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2), (torch.float16, 2e-2)])
-def test_cuda_sam_dims_match_segment_anything(rng, dtype, tol):
-    """Real SAM decoder width (256) and grid (64x64) on the GPU, outputs and gradients."""
-    torch.backends.cudnn.allow_tf32 = False
-    try:
+@pytest.mark.parametrize("dim,size,batch,tokens", [(256, (64, 64), 3, 4), (40, (5, 7), 2, 3), (32, (1, 1), 1, 1)])
+def test_cuda_op_matches_fp32(rng, dtype, tol, dim, size, batch, tokens):
+    """Compiled kernels, SAM's real sizes and odd ones; fp32 with TF32 off (else ~1e-3, like cuDNN)."""
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+        check_op_against_fp32(None, dtype, dim, size, batch, tokens, "cuda", tol)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_decoder_matches_segment_anything(rng, dtype):
+    """Whole SAM-size decoder (dim 256, 64x64) on the GPU: fp32 outputs and every gradient within
+    1e-4; bf16 masks no further from the fp32 decoder than segment_anything's own bf16 run."""
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
         decoder = make_decoder(256).cuda()
         inputs = {k: v.cuda() for k, v in decoder_inputs(256, 64, 64, 3).items()}
         fused = fuse_mask_decoder(copy.deepcopy(decoder).to(dtype))
-        want_masks, want_iou, want = run_with_grads_cuda(decoder, inputs)
-        masks, iou, got = run_with_grads_cuda(fused, {k: v.to(dtype) for k, v in inputs.items()})
-        assert rel_err(masks, want_masks) <= tol and rel_err(iou, want_iou) <= tol
-        floor = 1e-3 * max(g.abs().max().item() for g in want.values())
-        grad_tol = 1e-4 if dtype == torch.float32 else 5e-2
-        for name in ("output_upscaling.0.weight", "output_upscaling.0.bias", "output_upscaling.1.weight",
-                     "output_upscaling.1.bias", "output_upscaling.3.weight", "output_upscaling.3.bias",
-                     "input.image_embeddings", "output_hypernetworks_mlps.0.layers.2.weight"):
-            assert rel_err(got[name], want[name], floor) <= grad_tol, name
-    finally:
-        torch.backends.cudnn.allow_tf32 = True
-
-
-def run_with_grads_cuda(decoder, inputs):
-    inputs = {k: v.detach().clone().requires_grad_(True) for k, v in inputs.items()}
-    decoder.zero_grad(set_to_none=True)
-    masks, iou_pred = decoder(**inputs, multimask_output=True)
-    gen = torch.Generator(device="cuda").manual_seed(3)
-    weights = torch.randn(masks.shape, generator=gen, device="cuda")
-    ((masks.float() * weights).sum() + iou_pred.float().sum()).backward()
-    grads = {f"input.{k}": v.grad.float() for k, v in inputs.items()}
-    grads.update({n: p.grad.float() for n, p in decoder.named_parameters()})
-    return masks.detach().float(), iou_pred.detach().float(), grads
+        want_masks, want_iou, want = run_with_grads(decoder, inputs, True, seed=3)
+        half_inputs = {k: v.to(dtype) for k, v in inputs.items()}
+        masks, iou, got = run_with_grads(fused, half_inputs, True, seed=3)
+        if dtype == torch.float32:
+            assert rel_err(masks, want_masks) <= 1e-4 and rel_err(iou, want_iou) <= 1e-4
+            floor = 1e-3 * max(g.abs().max().item() for g in want.values())
+            for name in want:
+                assert rel_err(got[name], want[name], floor) <= 1e-4, name
+        else:
+            half_masks, _, _ = run_with_grads(copy.deepcopy(decoder).to(dtype), half_inputs, True, seed=3)
+            assert rel_err(masks, want_masks) <= max(2e-2, 1.25 * rel_err(half_masks, want_masks))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
