@@ -4,7 +4,7 @@ Two scopes, each against the original in the same run: the replaced part alone (
 hypernetwork product, from the transformer's image tokens to the logits) and the whole MaskDecoder.
 GPU (skipped without CUDA): SAM's real decoder (dim 256, 64x64 embeddings, 4 mask tokens, 8 prompts),
 Triton, fp32 and bf16; ``extra_info["peak_mib"]`` is the peak memory above the inputs.
-CPU: the torch backend at a small size (dim 256, 16x16 embeddings, 2 prompts).
+CPU: the torch backend at a small size (dim 256, 16x16 embeddings, 2 prompts), one torch thread.
 ``extra_info["saved_mib"]`` is what autograd keeps for backward (unique storages, parameters excluded).
 Run: ``python -m pytest bench/test_nn_fuse_mask_decoder.py --benchmark-only``.
 """
@@ -128,15 +128,15 @@ CPU_CASES = [pytest.param(None, id="segment_anything"), pytest.param("torch", id
 
 
 @pytest.fixture
-def two_torch_threads():
+def one_torch_thread():
     before = torch.get_num_threads()
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("backend", CPU_CASES)
-def test_upscaling_cpu(benchmark, two_torch_threads, backend):
+def test_upscaling_cpu(benchmark, one_torch_thread, backend):
     module = make_module(256, "cpu", torch.float32, backend)
     step, forward = upscaling_step(module, 16, 2, "cpu", torch.float32, backend)
     bench(benchmark, "upscaling fwd+bwd cpu fp32 dim256 16x16 x2", step, forward,
@@ -144,7 +144,7 @@ def test_upscaling_cpu(benchmark, two_torch_threads, backend):
 
 
 @pytest.mark.parametrize("backend", CPU_CASES)
-def test_decoder_cpu(benchmark, two_torch_threads, backend):
+def test_decoder_cpu(benchmark, one_torch_thread, backend):
     module = make_module(256, "cpu", torch.float32, backend)
     step, forward = decoder_step(module, decoder_inputs(256, 16, 2, "cpu", torch.float32))
     bench(benchmark, "MaskDecoder fwd+bwd cpu fp32 dim256 16x16 x2", step, forward,

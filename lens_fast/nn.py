@@ -100,7 +100,8 @@ def mask_decoder_upscaling(
     ``src``: (B, h*w, C) image tokens as SAM's two-way transformer returns them (pixel-major,
     channels last); ``hyper_in``: (B, T, C/8); ``size``: (h, w); ``output_upscaling``: the decoder's
     module (its parameters are used, with autograd). fp32/fp16/bf16, fp32 math inside; the result
-    has ``src``'s dtype. ``backend``: None -> "triton" for CUDA tensors, "torch" for CPU tensors.
+    has ``src``'s dtype (under autocast: the autocast dtype, as SAM's convolutions give).
+    ``backend``: None -> "triton" for CUDA tensors, "torch" for CPU tensors.
     """
     _check_output_upscaling(output_upscaling)
     if not isinstance(src, torch.Tensor) or not isinstance(hyper_in, torch.Tensor):
@@ -122,18 +123,26 @@ def mask_decoder_upscaling(
     params = (conv1.weight, conv1.bias, norm.weight, norm.bias, conv2.weight, conv2.bias)
     device = check_same_device(src=src, hyper_in=hyper_in, output_upscaling=conv1.weight)
     backend = resolve_backend(backend, device, has_cpu=False)
-    if backend == "torch":
-        return mask_decoder_upscaling_torch(src, hyper_in, (height, width), params, norm.eps)
+    if torch.is_autocast_enabled(device.type):  # like the ConvTranspose2d it replaces: autocast dtype out
+        compute = torch.get_autocast_dtype(device.type)
+        src, hyper_in = src.to(compute), hyper_in.to(compute)
+    with torch.autocast(device.type, enabled=False):
+        if backend == "torch":
+            return mask_decoder_upscaling_torch(src, hyper_in, (height, width), params, norm.eps)
+        return _upscaling_triton(src, hyper_in, height, width, params, norm.eps)
 
+
+def _upscaling_triton(src, hyper_in, height, width, params, eps):
     from lens_fast.kernels.mask_decoder_upscaling import MaskDecoderUpscalingFunction
 
     conv1_w, conv1_b, norm_w, norm_b, conv2_w, conv2_b = params
+    dim = conv1_w.shape[0]
     # Per-tap weights (4, C_in, C_out): w[2*di + dj] = weight[:, :, di, dj]; autograd maps the grads back.
     w1 = conv1_w.permute(2, 3, 0, 1).reshape(4, dim, dim // 4).contiguous()
     w2 = conv2_w.permute(2, 3, 0, 1).reshape(4, dim // 4, dim // 8).contiguous()
     return MaskDecoderUpscalingFunction.apply(
         src.contiguous(), hyper_in.contiguous(), w1, conv1_b.contiguous(), norm_w.contiguous(),
-        norm_b.contiguous(), w2, conv2_b.contiguous(), height, width, float(norm.eps),
+        norm_b.contiguous(), w2, conv2_b.contiguous(), height, width, float(eps),
     )
 
 

@@ -397,3 +397,17 @@ def test_kernels_compile_for_hopper(dtype):
             options={"num_warps": num_warps},
         )
         assert compiled.asm["cubin"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_autocast_gives_segment_anythings_dtype(rng, backend):
+    decoder = make_decoder(32)
+    inputs = decoder_inputs(32, 5, 7, 2)
+    fused = fuse_mask_decoder(copy.deepcopy(decoder), backend=backend)
+    with torch.no_grad():
+        want_masks, _ = decoder(**inputs, multimask_output=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            auto_masks, auto_iou = decoder(**inputs, multimask_output=True)
+            masks, iou = fused(**inputs, multimask_output=True)
+    assert masks.dtype == auto_masks.dtype == torch.bfloat16 and iou.dtype == auto_iou.dtype
+    assert rel_err(masks, want_masks) <= max(2e-2, 1.25 * rel_err(auto_masks, want_masks))
