@@ -99,6 +99,35 @@ def _first_stage(
 
 
 @jit
+def _channel_offsets(C4, C8, T, BLOCK_C4: tl.constexpr, BLOCK_C8: tl.constexpr, BLOCK_T: tl.constexpr):
+    """Offsets and masks of the C/4 channels, the C/8 channels and the tokens."""
+    offs_o = tl.arange(0, BLOCK_C4)
+    offs_q = tl.arange(0, BLOCK_C8)
+    offs_t = tl.arange(0, BLOCK_T)
+    return offs_o, offs_q, offs_t, offs_o < C4, offs_q < C8, offs_t < T
+
+
+@jit
+def _load_hyper(hyper_ptr, b, T, C8, offs_t, offs_q, mask_t, mask_q):
+    """fp32 (BLOCK_T, BLOCK_C8) tile of hyper_in[b], zero-padded."""
+    return tl.load(
+        hyper_ptr + b * T * C8 + offs_t[:, None] * C8 + offs_q[None, :],
+        mask=mask_t[:, None] & mask_q[None, :], other=0.0,
+    ).to(tl.float32)
+
+
+@jit
+def _second_stage(z1, w2_ptr, b2, offs_o, offs_q, mask_o, mask_q, C4, C8, D2,
+                  DOT_KIND: tl.constexpr, PRECISION: tl.constexpr):
+    """Tap D2 of the second transposed conv: its fp32 (BLOCK_C4, BLOCK_C8) weights and z1 @ w2 + b2."""
+    w2 = tl.load(
+        w2_ptr + D2 * C4 * C8 + offs_o[:, None] * C8 + offs_q[None, :],
+        mask=mask_o[:, None] & mask_q[None, :], other=0.0,
+    ).to(tl.float32)
+    return w2, _dot(z1, w2, DOT_KIND, PRECISION) + b2[None, :]
+
+
+@jit
 def _mask_patch_offsets(offs_p, offs_t, W, T, HW, D1, D2):
     """Offsets in one image's (T, 4h, 4w) logits of sub-pixel (D1, D2) of pixels ``offs_p``, tokens ``offs_t``."""
     row = 4 * (offs_p // W) + 2 * (D1 // 2) + D2 // 2
@@ -119,34 +148,22 @@ def mask_decoder_upscaling_fwd_kernel(
     b = tl.program_id(1).to(tl.int64)
     offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     mask_p = offs_p < HW
-    offs_o = tl.arange(0, BLOCK_C4)
-    offs_q = tl.arange(0, BLOCK_C8)
-    offs_t = tl.arange(0, BLOCK_T)
-    mask_o = offs_o < C4
-    mask_q = offs_q < C8
-    mask_t = offs_t < T
-
+    offs_o, offs_q, offs_t, mask_o, mask_q, mask_t = _channel_offsets(C4, C8, T, BLOCK_C4, BLOCK_C8, BLOCK_T)
     x_ptr += b * HW * C
     out_ptr += b * T * 16 * HW
-    hyper_t = tl.load(  # (BLOCK_C8, BLOCK_T): hyper_in[b].T
-        hyper_ptr + b * T * C8 + offs_t[None, :] * C8 + offs_q[:, None],
-        mask=mask_q[:, None] & mask_t[None, :], other=0.0,
-    ).to(tl.float32)
+    hyper_t = tl.trans(_load_hyper(hyper_ptr, b, T, C8, offs_t, offs_q, mask_t, mask_q))
     b2 = tl.load(b2_ptr + offs_q, mask=mask_q, other=0.0).to(tl.float32)
     store_mask = mask_p[:, None] & mask_t[None, :]
 
     for D1 in range(4):  # not unrolled: unrolling the taps makes the compiler spill registers
-        _, pre_gelu, _ = _first_stage(
+        _xhat, pre_gelu, _rstd = _first_stage(
             x_ptr, w1_ptr, b1_ptr, norm_w_ptr, norm_b_ptr, offs_p, mask_p, C, C4, eps,
             D1, BLOCK_P, BLOCK_K, BLOCK_C4, DOT_KIND, PRECISION,
         )
         z1 = _gelu(pre_gelu)
         for D2 in range(4):
-            w2 = tl.load(
-                w2_ptr + D2 * C4 * C8 + offs_o[:, None] * C8 + offs_q[None, :],
-                mask=mask_o[:, None] & mask_q[None, :], other=0.0,
-            ).to(tl.float32)
-            z2 = _gelu(_dot(z1, w2, DOT_KIND, PRECISION) + b2[None, :])
+            _w2, pre2 = _second_stage(z1, w2_ptr, b2, offs_o, offs_q, mask_o, mask_q, C4, C8, D2, DOT_KIND, PRECISION)
+            z2 = _gelu(pre2)
             logits = _dot(z2, hyper_t, DOT_KIND, PRECISION)
             offs = _mask_patch_offsets(offs_p, offs_t, W, T, HW, D1, D2)
             tl.store(out_ptr + offs, logits.to(out_ptr.dtype.element_ty), mask=store_mask)
@@ -173,20 +190,11 @@ def mask_decoder_upscaling_bwd_kernel(
     num_programs = tl.num_programs(0)
     b = tl.program_id(1).to(tl.int64)
     slot = b * num_programs + pid_p
-    offs_o = tl.arange(0, BLOCK_C4)
-    offs_q = tl.arange(0, BLOCK_C8)
-    offs_t = tl.arange(0, BLOCK_T)
-    mask_o = offs_o < C4
-    mask_q = offs_q < C8
-    mask_t = offs_t < T
-
+    offs_o, offs_q, offs_t, mask_o, mask_q, mask_t = _channel_offsets(C4, C8, T, BLOCK_C4, BLOCK_C8, BLOCK_T)
     x_ptr += b * HW * C
     grad_ptr += b * T * 16 * HW
     grad_pre1_ptr += b * HW * 4 * C4
-    hyper = tl.load(  # (BLOCK_T, BLOCK_C8)
-        hyper_ptr + b * T * C8 + offs_t[:, None] * C8 + offs_q[None, :],
-        mask=mask_t[:, None] & mask_q[None, :], other=0.0,
-    ).to(tl.float32)
+    hyper = _load_hyper(hyper_ptr, b, T, C8, offs_t, offs_q, mask_t, mask_q)
     b2 = tl.load(b2_ptr + offs_q, mask=mask_q, other=0.0).to(tl.float32)
     gamma = tl.load(norm_w_ptr + offs_o, mask=mask_o, other=0.0).to(tl.float32)
     part_w2_ptr += slot * 4 * BLOCK_C4 * BLOCK_C8
@@ -209,11 +217,9 @@ def mask_decoder_upscaling_bwd_kernel(
             z1 = _gelu(pre_gelu)
             grad_z1 = tl.zeros((BLOCK_P, BLOCK_C4), dtype=tl.float32)
             for D2 in range(4):
-                w2 = tl.load(
-                    w2_ptr + D2 * C4 * C8 + offs_o[:, None] * C8 + offs_q[None, :],
-                    mask=mask_o[:, None] & mask_q[None, :], other=0.0,
-                ).to(tl.float32)
-                pre2 = _dot(z1, w2, DOT_KIND, PRECISION) + b2[None, :]
+                w2, pre2 = _second_stage(
+                    z1, w2_ptr, b2, offs_o, offs_q, mask_o, mask_q, C4, C8, D2, DOT_KIND, PRECISION
+                )
                 offs = _mask_patch_offsets(offs_p, offs_t, W, T, HW, D1, D2)
                 grad_logits = tl.load(grad_ptr + offs, mask=grad_mask, other=0.0).to(tl.float32)
                 acc_hyper += _dot(tl.trans(grad_logits), _gelu(pre2), DOT_KIND, PRECISION)
