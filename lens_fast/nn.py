@@ -73,7 +73,7 @@ def mask_decoder_upscaling_torch(
 def _per_pixel_upscaling(src, hyper_in, size, conv1_w, conv1_b, norm_w, norm_b, conv2_w, conv2_b, eps):
     height, width = size
     batch, pixels, dim = src.shape
-    c4, c8 = dim // 4, dim // 8
+    tokens, c4, c8 = hyper_in.shape[1], dim // 4, dim // 8
     x, hyper, conv1_w, conv1_b, norm_w, norm_b, conv2_w, conv2_b = (
         t.float() for t in (src, hyper_in, conv1_w, conv1_b, norm_w, norm_b, conv2_w, conv2_b)
     )
@@ -84,8 +84,8 @@ def _per_pixel_upscaling(src, hyper_in, size, conv1_w, conv1_b, norm_w, norm_b, 
     pre2 = (z1.reshape(-1, c4) @ conv2_w.permute(0, 2, 3, 1).reshape(c4, 4 * c8)).view(-1, 4, c8) + conv2_b
     logits = F.gelu(pre2).view(batch, pixels * 16, c8) @ hyper.transpose(1, 2)
     # (B, i, j, di, dj, ei, ej, T) -> (B, T, rows 4i + 2di + ei, columns 4j + 2dj + ej).
-    logits = logits.view(batch, height, width, 2, 2, 2, 2, -1).permute(0, 7, 1, 3, 5, 2, 4, 6)
-    return logits.reshape(batch, -1, 4 * height, 4 * width).to(src.dtype)
+    logits = logits.view(batch, height, width, 2, 2, 2, 2, tokens).permute(0, 7, 1, 3, 5, 2, 4, 6)
+    return logits.reshape(batch, tokens, 4 * height, 4 * width).to(src.dtype)
 
 
 def mask_decoder_upscaling(
@@ -115,8 +115,6 @@ def mask_decoder_upscaling(
         raise ValueError(f"src must be (B, h*w={height * width}, C={dim}), got {tuple(src.shape)}")
     if hyper_in.dim() != 3 or hyper_in.shape[0] != src.shape[0] or hyper_in.shape[2] != dim // 8:
         raise ValueError(f"hyper_in must be (B={src.shape[0]}, T, C/8={dim // 8}), got {tuple(hyper_in.shape)}")
-    if hyper_in.shape[1] < 1 or src.shape[0] < 1:
-        raise ValueError(f"need at least one image and one token, got src {tuple(src.shape)}, hyper_in {tuple(hyper_in.shape)}")
     floats = (torch.float32, torch.float16, torch.bfloat16)
     if src.dtype not in floats or hyper_in.dtype not in floats:
         raise TypeError(f"src and hyper_in must be float32/float16/bfloat16, got {src.dtype}, {hyper_in.dtype}")
@@ -127,7 +125,7 @@ def mask_decoder_upscaling(
         compute = torch.get_autocast_dtype(device.type)
         src, hyper_in = src.to(compute), hyper_in.to(compute)
     with torch.autocast(device.type, enabled=False):
-        if backend == "torch":
+        if backend == "torch" or hyper_in.numel() == 0:  # no image or no token: nothing to launch
             return mask_decoder_upscaling_torch(src, hyper_in, (height, width), params, norm.eps)
         return _upscaling_triton(src, hyper_in, height, width, params, norm.eps)
 

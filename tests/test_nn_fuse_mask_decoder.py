@@ -156,7 +156,7 @@ def test_half_precision_decoder_no_worse_than_segment_anything(rng, backend, dty
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize(
     "dim,size,batch,tokens",
-    [(40, (1, 1), 1, 1), (40, (3, 5), 2, 3), (16, (8, 8), 1, 4), (24, (7, 11), 2, 2)],
+    [(40, (1, 1), 1, 1), (40, (3, 5), 2, 3), (16, (8, 8), 1, 4), (24, (7, 11), 2, 2), (16, (16, 17), 1, 2)],
 )
 def test_mask_decoder_upscaling_matches_module(rng, backend, dim, size, batch, tokens):
     upscaling = make_decoder(dim).output_upscaling
@@ -411,3 +411,16 @@ def test_autocast_gives_segment_anythings_dtype(rng, backend):
             masks, iou = fused(**inputs, multimask_output=True)
     assert masks.dtype == auto_masks.dtype == torch.bfloat16 and iou.dtype == auto_iou.dtype
     assert rel_err(masks, want_masks) <= max(2e-2, 1.25 * rel_err(auto_masks, want_masks))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("batch,tokens", [(0, 4), (2, 0)])
+def test_mask_decoder_upscaling_empty(backend, batch, tokens):
+    upscaling = make_decoder(32).output_upscaling
+    src = torch.randn(batch, 15, 32, requires_grad=True)
+    hyper_in = torch.randn(batch, tokens, 4, requires_grad=True)
+    out = mask_decoder_upscaling(src, hyper_in, (3, 5), upscaling, backend=backend)
+    assert out.shape == (batch, tokens, 12, 20)
+    out.sum().backward()
+    assert src.grad is not None and not src.grad.any()
+    assert not upscaling[0].weight.grad.any()
