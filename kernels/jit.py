@@ -13,12 +13,22 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import torch
-from triton.runtime.interpreter import InterpretedFunction
+from triton.runtime.interpreter import InterpretedFunction, _patch_lang
 from triton.runtime.jit import JITFunction
 
 
 def _on_cuda(args: tuple, kwargs: dict) -> bool:
     return any(isinstance(a, torch.Tensor) and a.is_cuda for a in (*args, *kwargs.values()))
+
+
+def _call_device_function(helper: InterpretedFunction, args: tuple, kwargs: dict) -> Any:
+    """Run ``helper`` inside an interpreted kernel, with ``triton.language`` patched for it only while it
+    runs (``InterpretedFunction.__call__`` leaves it patched, which breaks later GPU compilation)."""
+    scope = _patch_lang(helper.fn)
+    try:
+        return helper.rewrite()(*args, **kwargs)
+    finally:
+        scope.restore()
 
 
 _interpreted_library: dict = {}
@@ -31,7 +41,7 @@ def _call_library_interpreted(self: JITFunction, *args: Any, **kwargs: Any) -> A
     helper = _interpreted_library.get(self.fn)
     if helper is None:
         helper = _interpreted_library[self.fn] = InterpretedFunction(self.fn)
-    return helper(*args, **kwargs)
+    return _call_device_function(helper, args, kwargs)
 
 
 class DualJITFunction(JITFunction):
@@ -44,7 +54,7 @@ class DualJITFunction(JITFunction):
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         # Only reached when a kernel running under the interpreter calls this function as a helper;
         # compiled kernels inline helpers and never call them from Python.
-        return self._interpreted(*args, **kwargs)
+        return _call_device_function(self._interpreted, args, kwargs)
 
     def run(self, *args: Any, grid: Any, warmup: bool, **kwargs: Any) -> Any:
         if _on_cuda(args, kwargs):
