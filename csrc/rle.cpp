@@ -18,6 +18,17 @@ namespace {
 
 [[noreturn]] void fail(const std::string& message) { throw std::invalid_argument(message); }
 
+// n / d for 32-bit n by a multiply: floor(n * M / 2^64) with M = floor((2^64 - 1) / d) + 1 is
+// exact for n, d < 2^32 (the error n * (M - 2^64 / d) / 2^64 stays below 2^-32 < 1 / d).
+struct DivideBy {
+  uint32_t d;
+  uint64_t magic;
+  explicit DivideBy(uint32_t divisor) : d(divisor), magic(divisor > 1 ? ~uint64_t(0) / divisor + 1 : 0) {}
+  uint32_t operator()(uint32_t n) const {
+    return d == 1 ? n : uint32_t((static_cast<unsigned __int128>(n) * magic) >> 64);
+  }
+};
+
 // Appends counts as runs start: counts[m++] = start - previous start.
 struct CountWriter {
   uint32_t* counts;
@@ -404,6 +415,8 @@ struct Foreground {
   bool canonical = true;  // no zero-length run past the first count
 
   explicit Foreground(const RleView& rle) {
+    begin.reserve(rle.m / 2);
+    end.reserve(rle.m / 2);
     uint32_t position = 0;
     for (size_t k = 0; k < rle.m; ++k) {
       const uint32_t c = rle.counts[k];
@@ -418,25 +431,51 @@ struct Foreground {
   }
 };
 
-// Pixels in both interval lists: a two-pointer merge that advances whichever interval ends first
-// (both on a tie), without branches on the data.
+// Pixels in the foreground of both a and b, over the span [lo, hi) where both have foreground.
+// A two-pointer merge advances whichever interval ends first (both on a tie), without branches on
+// the data; each step's loads wait for the last step's compare, so the span is cut in two halves
+// merged in lockstep, whose steps overlap.
 uint32_t intersection(const Foreground& a, const Foreground& b) {
   const size_t na = a.begin.size(), nb = b.begin.size();
   if (na == 0 || nb == 0) return 0;
-  // Nothing meets before both lists have started: skip to the first intervals ending after that.
-  const uint32_t lo = std::max(a.begin[0], b.begin[0]);
-  size_t i = size_t(std::upper_bound(a.end.begin(), a.end.end(), lo) - a.end.begin());
-  size_t j = size_t(std::upper_bound(b.end.begin(), b.end.end(), lo) - b.end.begin());
+  const uint32_t lo = std::max(a.begin[0], b.begin[0]), hi = std::min(a.end[na - 1], b.end[nb - 1]);
+  if (lo >= hi) return 0;
+  const uint32_t mid = lo + (hi - lo) / 2;
   const uint32_t *ab = a.begin.data(), *ae = a.end.data(), *bb = b.begin.data(), *be = b.end.data();
-  uint32_t inter = 0;
-  while (i < na && j < nb) {
-    const uint32_t ea = ae[i], eb = be[j];
-    const uint32_t first = std::max(ab[i], bb[j]), last = std::min(ea, eb);
-    inter += last > first ? last - first : 0;
-    i += ea <= eb;
-    j += eb <= ea;
+  // Half 0: intervals ending after lo and beginning before mid; half 1: after mid, before hi.
+  auto after = [](const uint32_t* ends, size_t n, uint32_t p) {
+    return size_t(std::upper_bound(ends, ends + n, p) - ends);
+  };
+  auto before = [](const uint32_t* begins, size_t n, uint32_t p) {
+    return size_t(std::lower_bound(begins, begins + n, p) - begins);
+  };
+  size_t i0 = after(ae, na, lo), j0 = after(be, nb, lo);
+  const size_t ia0 = before(ab, na, mid), jb0 = before(bb, nb, mid);
+  size_t i1 = after(ae, na, mid), j1 = after(be, nb, mid);
+  const size_t ia1 = before(ab, na, hi), jb1 = before(bb, nb, hi);
+  uint32_t inter0 = 0, inter1 = 0;
+  // Half 0 clips overlaps at mid from above, half 1 from below, so no pixel counts twice.
+  auto step0 = [&] {
+    const uint32_t ea = ae[i0], eb = be[j0];
+    const uint32_t first = std::max(ab[i0], bb[j0]), last = std::min(std::min(ea, eb), mid);
+    inter0 += last > first ? last - first : 0;
+    i0 += ea <= eb;
+    j0 += eb <= ea;
+  };
+  auto step1 = [&] {
+    const uint32_t ea = ae[i1], eb = be[j1];
+    const uint32_t first = std::max(std::max(ab[i1], bb[j1]), mid), last = std::min(ea, eb);
+    inter1 += last > first ? last - first : 0;
+    i1 += ea <= eb;
+    j1 += eb <= ea;
+  };
+  while (i0 < ia0 && j0 < jb0 && i1 < ia1 && j1 < jb1) {
+    step0();
+    step1();
   }
-  return inter;
+  while (i0 < ia0 && j0 < jb0) step0();
+  while (i1 < ia1 && j1 < jb1) step1();
+  return inter0 + inter1;
 }
 
 // pycocotools' rleMerge loop for two RLEs: a count is emitted whenever the merged value changes.
@@ -685,17 +724,13 @@ void decode_row_major(const RleView& rle, uint8_t* out) {
   const size_t n_starts = rle.m > 0 ? rle.m - 1 : 0;
   uint32_t* events = events_buffer.get(2 * std::max<size_t>(n_starts, 1));
   size_t n_events = 0;
-  uint32_t position = 0, x = 0, y = 0, next_column = 0;
+  const DivideBy by_h(h);
+  uint32_t position = 0, next_column = 0;
   uint8_t value = 0;
   for (size_t k = 0; k < n_starts; ++k) {
-    const uint32_t c = rle.counts[k];
-    position += c;
-    y += c;
-    while (y >= h) {  // no division: x reaches w at most, over all runs
-      y -= h;
-      ++x;
-    }
+    position += rle.counts[k];
     if (position >= pixels) break;  // zero-length runs at the very end
+    const uint32_t x = by_h(position), y = position - x * h;
     const uint32_t columns_before = y > 0 ? x + 1 : x;  // columns starting before this run
     for (; next_column < columns_before; ++next_column) out[next_column] = value;
     value ^= 1;
@@ -730,21 +765,22 @@ uint32_t area(const RleView& rle) {
 }
 
 void to_bbox(const RleView& rle, double* box) {
-  // pycocotools' arithmetic, uint32 wrap-around included (it shows only for counts with a
-  // zero-length foreground run and no other).
+  // pycocotools' rule (uint32 wrap-around included: it shows only for counts whose foreground
+  // runs all have length 0).
   const uint32_t h = rle.h, w = rle.w;
   const size_t m = rle.m / 2 * 2;
   if (m == 0) {
     box[0] = box[1] = box[2] = box[3] = 0;
     return;
   }
+  const DivideBy by_h(h);
   uint32_t xs = w, ys = h, xe = 0, ye = 0, cc = 0;
   for (size_t j = 0; j < m; ++j) {
     const uint32_t start = cc;
     cc += rle.counts[j];
     if (j % 2 == 0 || rle.counts[j] == 0) continue;
-    const uint32_t y_start = start % h, x_start = start / h;
-    const uint32_t y_end = (cc - 1) % h, x_end = (cc - 1) / h;
+    const uint32_t x_start = by_h(start), y_start = start - x_start * h;
+    const uint32_t x_end = by_h(cc - 1), y_end = cc - 1 - x_end * h;
     xs = std::min(xs, x_start);
     xe = std::max(xe, x_end);
     if (x_start < x_end) {
@@ -804,10 +840,9 @@ void iou(const RleView* dt, size_t m, const RleView* gt, size_t n, const uint8_t
       } else if (!dt_fg[d].canonical && !gt_fg[g].canonical) {
         o = iou_walk(dt[d], gt[g], crowd);
       } else {
-        const uint32_t inter = intersection(dt_fg[d], gt_fg[g]);
-        const uint32_t uni = inter == 0 ? 1
-                             : crowd    ? dt_fg[d].area
-                                        : dt_fg[d].area + gt_fg[g].area - inter;
+        const Foreground &a = dt_fg[d], &b = gt_fg[g];
+        const uint32_t inter = intersection(a, b);
+        const uint32_t uni = inter == 0 ? 1 : crowd ? a.area : a.area + b.area - inter;
         o = double(inter) / double(uni);
       }
     }

@@ -211,11 +211,9 @@ def decode_masks(
             stream = torch.cuda.current_stream(device).cuda_stream
             C.rle_cuda_decode(ends_d.data_ptr(), offsets_d.data_ptr(), n, h, w, out.data_ptr(), stream)
         return out
-    # numpy backs large arrays with transparent huge pages, which fault in far faster than torch's
-    # 4 KiB pages when the output is written for the first time.
-    out = np.empty((n, h, w), dtype=np.uint8)
-    C.rle_decode(parsed, out.ctypes.data, False, threads)
-    return torch.from_numpy(out)
+    out = torch.empty((n, h, w), dtype=torch.uint8)
+    C.rle_decode(parsed, out.data_ptr(), False, threads)
+    return out
 
 
 def area(rleObjs: Union[RLE, List[RLE]]) -> Union[np.ndarray, np.uint32]:
