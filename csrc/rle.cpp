@@ -371,48 +371,10 @@ void column_to_row_major(const uint8_t* src, uint32_t h, uint32_t w, uint8_t* ds
 
 // ---- iou and merge
 
-// pycocotools' rleIou walk over two run lists. Exact, except that it stops early when both run
-// lists reach zero-length runs at once; it is used (and that reproduced) only for such lists.
-double iou_walk(const RleView& dt, const RleView& gt, bool crowd) {
-  static const uint32_t kZero = 0;
-  const uint32_t* A = dt.m ? dt.counts : &kZero;
-  const uint32_t* B = gt.m ? gt.counts : &kZero;
-  const size_t ka = std::max<size_t>(dt.m, 1), kb = std::max<size_t>(gt.m, 1);
-  uint32_t ca = A[0], cb = B[0], inter = 0, uni = 0;
-  bool va = false, vb = false;
-  size_t a = 1, b = 1;
-  uint64_t remaining = 1;
-  while (remaining > 0) {
-    const uint32_t c = std::min(ca, cb);
-    if (va || vb) {
-      uni += c;
-      if (va && vb) inter += c;
-    }
-    ca -= c;
-    if (!ca && a < ka) {
-      ca = A[a++];
-      va = !va;
-    }
-    cb -= c;
-    if (!cb && b < kb) {
-      cb = B[b++];
-      vb = !vb;
-    }
-    remaining = uint64_t(ca) + cb;
-  }
-  if (inter == 0) {
-    uni = 1;
-  } else if (crowd) {
-    uni = area(dt);
-  }
-  return double(inter) / double(uni);
-}
-
 // An RLE's foreground as intervals [begin[i], end[i]) of column-major positions.
 struct Foreground {
   std::vector<uint32_t> begin, end;
   uint32_t area = 0;
-  bool canonical = true;  // no zero-length run past the first count
 
   explicit Foreground(const RleView& rle) {
     begin.reserve(rle.m / 2);
@@ -420,7 +382,6 @@ struct Foreground {
     uint32_t position = 0;
     for (size_t k = 0; k < rle.m; ++k) {
       const uint32_t c = rle.counts[k];
-      if (c == 0 && k > 0) canonical = false;
       if ((k & 1) && c > 0) {
         begin.push_back(position);
         end.push_back(position + c);
@@ -478,7 +439,26 @@ uint32_t intersection(const Foreground& a, const Foreground& b) {
   return inter0 + inter1;
 }
 
+// The counts of the same mask without zero-length runs past the first count (the runs on both
+// sides of one join).
+void canonical_counts(const RleView& rle, std::vector<uint32_t>& out) {
+  out.clear();
+  for (size_t k = 0; k < rle.m; ++k) {
+    const uint32_t c = rle.counts[k];
+    if (c == 0 && k > 0) continue;
+    if (!out.empty() && (out.size() & 1) == ((k + 1) & 1)) {
+      out.back() += c;  // same value as the last run kept
+    } else {
+      if (out.empty() && (k & 1)) out.push_back(0);  // the mask starts with 1s
+      out.push_back(c);
+    }
+  }
+  if (out.empty()) out.push_back(0);
+}
+
 // pycocotools' rleMerge loop for two RLEs: a count is emitted whenever the merged value changes.
+// Exact, and its result canonical, for canonical inputs (pycocotools' own stops early or overruns
+// its buffer on zero-length runs past the first count).
 void merge_two(const RleView& ra, const RleView& rb, bool intersect, std::vector<uint32_t>& out) {
   static const uint32_t kZero = 0;
   const uint32_t* A = ra.m ? ra.counts : &kZero;
@@ -765,8 +745,8 @@ uint32_t area(const RleView& rle) {
 }
 
 void to_bbox(const RleView& rle, double* box) {
-  // pycocotools' rule (uint32 wrap-around included: it shows only for counts whose foreground
-  // runs all have length 0).
+  // pycocotools' rule; an empty mask gives zeros (pycocotools' uint32 arithmetic wraps around when
+  // zero-length foreground runs are all there is).
   const uint32_t h = rle.h, w = rle.w;
   const size_t m = rle.m / 2 * 2;
   if (m == 0) {
@@ -790,6 +770,10 @@ void to_bbox(const RleView& rle, double* box) {
       ys = std::min(ys, y_start);
       ye = std::max(ye, y_end);
     }
+  }
+  if (xs > xe) {  // no foreground pixel (zero-length foreground runs only)
+    box[0] = box[1] = box[2] = box[3] = 0;
+    return;
   }
   box[0] = xs;
   box[2] = uint32_t(xe - xs + 1);
@@ -837,8 +821,6 @@ void iou(const RleView* dt, size_t m, const RleView* gt, size_t n, const uint8_t
       if (!(o > 0)) continue;  // the boxes do not overlap: neither do the masks
       if (dt[d].h != gt[g].h || dt[d].w != gt[g].w) {
         o = -1;
-      } else if (!dt_fg[d].canonical && !gt_fg[g].canonical) {
-        o = iou_walk(dt[d], gt[g], crowd);
       } else {
         const Foreground &a = dt_fg[d], &b = gt_fg[g];
         const uint32_t inter = intersection(a, b);
@@ -850,11 +832,17 @@ void iou(const RleView* dt, size_t m, const RleView* gt, size_t n, const uint8_t
 }
 
 void merge(const RleView* rles, size_t n, bool intersect, std::vector<uint32_t>& out) {
-  out.assign(rles[0].counts, rles[0].counts + rles[0].m);
-  std::vector<uint32_t> next;
+  if (n == 1) {
+    out.assign(rles[0].counts, rles[0].counts + rles[0].m);
+    return;
+  }
+  std::vector<uint32_t> next, other;
+  canonical_counts(rles[0], out);
   for (size_t i = 1; i < n; ++i) {
+    canonical_counts(rles[i], other);
     next.clear();
-    merge_two(RleView{rles[0].h, rles[0].w, out.data(), out.size()}, rles[i], intersect, next);
+    merge_two(RleView{rles[0].h, rles[0].w, out.data(), out.size()},
+              RleView{rles[0].h, rles[0].w, other.data(), other.size()}, intersect, next);
     out.swap(next);
   }
 }

@@ -89,7 +89,8 @@ void decode_row_major(const RleView& rle, uint8_t* out);
 
 // Foreground pixels.
 uint32_t area(const RleView& rle);
-// [x, y, width, height] of the foreground as pycocotools' rleToBbox computes it (zeros when empty).
+// [x, y, width, height] of the foreground as pycocotools' rleToBbox computes it; zeros when empty
+// (where pycocotools' arithmetic wraps around for counts with only zero-length foreground runs).
 void to_bbox(const RleView& rle, double* box);
 // IoU of box lists as pycocotools' bbIou: boxes xywh, out[g * m + d] for dt d, gt g;
 // a crowd gt divides by the dt area instead of the union.
@@ -97,11 +98,13 @@ void box_iou(const double* dt, size_t m, const double* gt, size_t n, const uint8
              double* out);
 // IoU of RLE lists as pycocotools' rleIou, out[g * m + d] for dt d, gt g: 0 where the boxes do not
 // overlap or nothing intersects, -1 for masks of different sizes, crowd: intersection / area(dt).
-// Spread over num_threads threads (0 = module default).
+// Exact on any valid counts (pycocotools' walk stops early when both lists reach zero-length runs
+// at once). Spread over num_threads threads (0 = module default).
 void iou(const RleView* dt, size_t m, const RleView* gt, size_t n, const uint8_t* iscrowd,
          double* out, int num_threads);
-// Union (intersect = false) or intersection of rles[0, n) (n >= 1, one size) into `out`, counted as
-// pycocotools' rleMerge does.
+// Union (intersect = false) or intersection of rles[0, n) (n >= 1, one size) into `out`: rles[0]'s
+// counts when n == 1, else the canonical counts (no zero-length run past the first) of the result,
+// as pycocotools' rleMerge gives for canonical inputs (it overruns its buffer on others).
 void merge(const RleView* rles, size_t n, bool intersect, std::vector<uint32_t>& out);
 
 // ---- from other shapes
