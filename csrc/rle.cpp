@@ -637,6 +637,10 @@ size_t counts_to_chars(const uint32_t* counts, size_t m, char* out) {
   for (size_t i = 0; i < m; ++i) {
     int64_t x = counts[i];
     if (i > 2) x -= counts[i - 2];
+    if (uint64_t(x + 16) < 32) {  // one character: 5 bits with the sign in 0x10
+      *p++ = char((x & 0x1f) + 48);
+      continue;
+    }
     for (;;) {
       int c = int(x & 0x1f);
       x >>= 5;  // arithmetic: the sign is carried by bit 0x10 of the last group
