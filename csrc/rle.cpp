@@ -9,6 +9,7 @@
 #include <stdexcept>
 
 #include "cpu_features.h"
+#include "parallel.h"
 
 namespace lens_fast {
 namespace rle {
@@ -16,6 +17,17 @@ namespace rle {
 namespace {
 
 [[noreturn]] void fail(const std::string& message) { throw std::invalid_argument(message); }
+
+// n / d for 32-bit n by a multiply: floor(n * M / 2^64) with M = floor((2^64 - 1) / d) + 1 is
+// exact for n, d < 2^32 (the error n * (M - 2^64 / d) / 2^64 stays below 2^-32 < 1 / d).
+struct DivideBy {
+  uint32_t d;
+  uint64_t magic;
+  explicit DivideBy(uint32_t divisor) : d(divisor), magic(divisor > 1 ? ~uint64_t(0) / divisor + 1 : 0) {}
+  uint32_t operator()(uint32_t n) const {
+    return d == 1 ? n : uint32_t((static_cast<unsigned __int128>(n) * magic) >> 64);
+  }
+};
 
 // Appends counts as runs start: counts[m++] = start - previous start.
 struct CountWriter {
@@ -211,6 +223,274 @@ size_t encode_strided(const uint8_t* mask, uint32_t h, uint32_t w, int64_t strid
   return out.finish(h * w);
 }
 
+// ---- decoding helpers
+
+// Writes `count` bytes of `value` at p (p + count <= end). A short run is one fixed-size store
+// that may spill past it: the runs that follow overwrite the spill.
+inline void fill_run(uint8_t* p, const uint8_t* end, int value, uint32_t count) {
+  struct Fill {
+    uint8_t bytes[2][32];
+    constexpr Fill() : bytes() {
+      for (int i = 0; i < 32; ++i) bytes[1][i] = 1;
+    }
+  };
+  static constexpr Fill fill;
+  if (count <= 32 && end - p >= 32) {
+    std::memcpy(p, fill.bytes[value], 32);
+  } else {
+    std::memset(p, value, count);
+  }
+}
+
+// Masks of at least this many pixels are written with non-temporal stores.
+constexpr size_t kStreamPixels = size_t(1) << 18;
+
+// ---- row sweep: rows 1..h-1 of a row-major mask from row 0 and the columns flipped in each row
+// (row r flips columns starts[begin[r], end[r]))
+
+void sweep_rows_scalar(uint8_t* out, uint32_t h, uint32_t w, const uint32_t* begin,
+                       const uint32_t* end, const uint32_t* starts) {
+  for (uint32_t r = 1; r < h; ++r) {
+    uint8_t* row = out + size_t(r) * w;
+    std::memcpy(row, row - w, w);
+    for (uint32_t e = begin[r]; e < end[r]; ++e) row[starts[e]] ^= 1;
+  }
+}
+
+#if LENS_FAST_X86
+// The row lives in a bitset (a flip is one 64-bit xor) and is expanded to bytes 32 at a time, so
+// no vector load ever reads a byte just stored (which stalls store forwarding).
+LENS_FAST_TARGET_AVX2 void sweep_rows_avx2(uint8_t* out, uint32_t h, uint32_t w,
+                                           const uint32_t* begin, const uint32_t* end,
+                                           const uint32_t* starts) {
+  thread_local Scratch<uint64_t> bits_buffer;
+  const uint32_t words = (w + 63) / 64;
+  uint64_t* bits = bits_buffer.get(words + 1);
+  std::memset(bits, 0, sizeof(uint64_t) * (words + 1));
+  for (uint32_t x = 0; x < w; ++x) bits[x / 64] |= uint64_t(out[x]) << (x % 64);
+  const auto* bits32 = reinterpret_cast<const uint32_t*>(bits);
+  // Byte i of a 32-pixel group takes bit i % 8 of byte i / 8 of the group's 32 bits.
+  const __m256i spread = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,  //
+                                          2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
+  const __m256i bit = _mm256_set1_epi64x(int64_t(0x8040201008040201));
+  const __m256i one = _mm256_set1_epi8(1);
+  // Large masks are written around the caches (non-temporal stores): no read for ownership of
+  // lines about to be overwritten, and the caches are left to whoever reads the mask next.
+  const bool stream = size_t(h) * w >= kStreamPixels;
+  for (uint32_t r = 1; r < h; ++r) {
+    for (uint32_t e = begin[r]; e < end[r]; ++e) bits[starts[e] / 64] ^= uint64_t(1) << (starts[e] % 64);
+    uint8_t* row = out + size_t(r) * w;
+    uint32_t x = 0;
+    if (stream && reinterpret_cast<uintptr_t>(row) % 32 == 0) {
+      for (; x + 32 <= w; x += 32) {
+        const __m256i group = _mm256_shuffle_epi8(_mm256_set1_epi32(int32_t(bits32[x / 32])), spread);
+        _mm256_stream_si256(reinterpret_cast<__m256i*>(row + x),
+                            _mm256_min_epu8(_mm256_and_si256(group, bit), one));
+      }
+    }
+    for (; x + 32 <= w; x += 32) {
+      const __m256i group = _mm256_shuffle_epi8(_mm256_set1_epi32(int32_t(bits32[x / 32])), spread);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(row + x),
+                          _mm256_min_epu8(_mm256_and_si256(group, bit), one));
+    }
+    for (; x < w; ++x) row[x] = uint8_t((bits[x / 64] >> (x % 64)) & 1);
+  }
+  _mm_sfence();
+}
+#endif
+
+using SweepRows = void (*)(uint8_t*, uint32_t, uint32_t, const uint32_t*, const uint32_t*,
+                           const uint32_t*);
+
+SweepRows pick_sweep_rows() {
+#if LENS_FAST_X86
+  if (cpu_has_avx2()) return sweep_rows_avx2;
+#endif
+  return sweep_rows_scalar;
+}
+
+// ---- transpose (column-major h x w -> row-major h x w)
+
+#if LENS_FAST_X86
+// dst rows c = 0..15 (dst_stride apart) = byte c of the 16 src rows (src_stride apart). SSE2.
+inline void transpose16(const uint8_t* src, size_t src_stride, uint8_t* dst, size_t dst_stride) {
+  __m128i r[16], t[16], u[16], v[16];
+  for (int i = 0; i < 16; ++i) {
+    r[i] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i * src_stride));
+  }
+  // Interleave bytes of row pairs, then 16-, 32- and 64-bit units: after each step a register
+  // holds twice as many rows of half as many columns.
+  for (int k = 0; k < 8; ++k) {
+    t[2 * k] = _mm_unpacklo_epi8(r[2 * k], r[2 * k + 1]);
+    t[2 * k + 1] = _mm_unpackhi_epi8(r[2 * k], r[2 * k + 1]);
+  }
+  for (int k = 0; k < 4; ++k) {
+    u[4 * k] = _mm_unpacklo_epi16(t[4 * k], t[4 * k + 2]);
+    u[4 * k + 1] = _mm_unpackhi_epi16(t[4 * k], t[4 * k + 2]);
+    u[4 * k + 2] = _mm_unpacklo_epi16(t[4 * k + 1], t[4 * k + 3]);
+    u[4 * k + 3] = _mm_unpackhi_epi16(t[4 * k + 1], t[4 * k + 3]);
+  }
+  for (int half = 0; half < 2; ++half) {
+    for (int j = 0; j < 4; ++j) {
+      const __m128i a = u[8 * half + j], b = u[8 * half + 4 + j];
+      v[8 * half + 2 * j] = _mm_unpacklo_epi32(a, b);
+      v[8 * half + 2 * j + 1] = _mm_unpackhi_epi32(a, b);
+    }
+  }
+  for (int i = 0; i < 8; ++i) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + (2 * i) * dst_stride),
+                     _mm_unpacklo_epi64(v[i], v[8 + i]));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + (2 * i + 1) * dst_stride),
+                     _mm_unpackhi_epi64(v[i], v[8 + i]));
+  }
+}
+#else
+inline void transpose16(const uint8_t* src, size_t src_stride, uint8_t* dst, size_t dst_stride) {
+  for (size_t c = 0; c < 16; ++c) {
+    for (size_t i = 0; i < 16; ++i) dst[c * dst_stride + i] = src[i * src_stride + c];
+  }
+}
+#endif
+
+// dst (row-major h x w) = src (column-major h x w), in 16 x 16 blocks.
+void column_to_row_major(const uint8_t* src, uint32_t h, uint32_t w, uint8_t* dst) {
+  uint32_t y0 = 0;
+  for (; y0 + 16 <= h; y0 += 16) {
+    uint32_t x0 = 0;
+    for (; x0 + 16 <= w; x0 += 16) {
+      transpose16(src + size_t(x0) * h + y0, h, dst + size_t(y0) * w + x0, w);
+    }
+    for (uint32_t y = y0; y < y0 + 16; ++y) {
+      for (uint32_t x = x0; x < w; ++x) dst[size_t(y) * w + x] = src[size_t(x) * h + y];
+    }
+  }
+  for (uint32_t y = y0; y < h; ++y) {
+    for (uint32_t x = 0; x < w; ++x) dst[size_t(y) * w + x] = src[size_t(x) * h + y];
+  }
+}
+
+// ---- iou and merge
+
+// An RLE's foreground as intervals [begin[i], end[i]) of column-major positions.
+struct Foreground {
+  std::vector<uint32_t> begin, end;
+  uint32_t area = 0;
+
+  explicit Foreground(const RleView& rle) {
+    begin.reserve(rle.m / 2);
+    end.reserve(rle.m / 2);
+    uint32_t position = 0;
+    for (size_t k = 0; k < rle.m; ++k) {
+      const uint32_t c = rle.counts[k];
+      if ((k & 1) && c > 0) {
+        begin.push_back(position);
+        end.push_back(position + c);
+        area += c;
+      }
+      position += c;
+    }
+  }
+};
+
+// Pixels in the foreground of both a and b, over the span [lo, hi) where both have foreground.
+// A two-pointer merge advances whichever interval ends first (both on a tie), without branches on
+// the data; each step's loads wait for the last step's compare, so the span is cut in two halves
+// merged in lockstep, whose steps overlap.
+uint32_t intersection(const Foreground& a, const Foreground& b) {
+  const size_t na = a.begin.size(), nb = b.begin.size();
+  if (na == 0 || nb == 0) return 0;
+  const uint32_t lo = std::max(a.begin[0], b.begin[0]), hi = std::min(a.end[na - 1], b.end[nb - 1]);
+  if (lo >= hi) return 0;
+  const uint32_t mid = lo + (hi - lo) / 2;
+  const uint32_t *ab = a.begin.data(), *ae = a.end.data(), *bb = b.begin.data(), *be = b.end.data();
+  // Half 0: intervals ending after lo and beginning before mid; half 1: after mid, before hi.
+  auto after = [](const uint32_t* ends, size_t n, uint32_t p) {
+    return size_t(std::upper_bound(ends, ends + n, p) - ends);
+  };
+  auto before = [](const uint32_t* begins, size_t n, uint32_t p) {
+    return size_t(std::lower_bound(begins, begins + n, p) - begins);
+  };
+  size_t i0 = after(ae, na, lo), j0 = after(be, nb, lo);
+  const size_t ia0 = before(ab, na, mid), jb0 = before(bb, nb, mid);
+  size_t i1 = after(ae, na, mid), j1 = after(be, nb, mid);
+  const size_t ia1 = before(ab, na, hi), jb1 = before(bb, nb, hi);
+  uint32_t inter0 = 0, inter1 = 0;
+  // Half 0 clips overlaps at mid from above, half 1 from below, so no pixel counts twice.
+  auto step0 = [&] {
+    const uint32_t ea = ae[i0], eb = be[j0];
+    const uint32_t first = std::max(ab[i0], bb[j0]), last = std::min(std::min(ea, eb), mid);
+    inter0 += last > first ? last - first : 0;
+    i0 += ea <= eb;
+    j0 += eb <= ea;
+  };
+  auto step1 = [&] {
+    const uint32_t ea = ae[i1], eb = be[j1];
+    const uint32_t first = std::max(std::max(ab[i1], bb[j1]), mid), last = std::min(ea, eb);
+    inter1 += last > first ? last - first : 0;
+    i1 += ea <= eb;
+    j1 += eb <= ea;
+  };
+  while (i0 < ia0 && j0 < jb0 && i1 < ia1 && j1 < jb1) {
+    step0();
+    step1();
+  }
+  while (i0 < ia0 && j0 < jb0) step0();
+  while (i1 < ia1 && j1 < jb1) step1();
+  return inter0 + inter1;
+}
+
+// The counts of the same mask without zero-length runs past the first count (the runs on both
+// sides of one join).
+void canonical_counts(const RleView& rle, std::vector<uint32_t>& out) {
+  out.clear();
+  for (size_t k = 0; k < rle.m; ++k) {
+    const uint32_t c = rle.counts[k];
+    if (c == 0 && k > 0) continue;
+    if (!out.empty() && (out.size() & 1) == ((k + 1) & 1)) {
+      out.back() += c;  // same value as the last run kept
+    } else {
+      if (out.empty() && (k & 1)) out.push_back(0);  // the mask starts with 1s
+      out.push_back(c);
+    }
+  }
+  if (out.empty()) out.push_back(0);
+}
+
+// pycocotools' rleMerge loop for two RLEs: a count is emitted whenever the merged value changes.
+// Exact, and its result canonical, for canonical inputs (pycocotools' own stops early or overruns
+// its buffer on zero-length runs past the first count).
+void merge_two(const RleView& ra, const RleView& rb, bool intersect, std::vector<uint32_t>& out) {
+  static const uint32_t kZero = 0;
+  const uint32_t* A = ra.m ? ra.counts : &kZero;
+  const uint32_t* B = rb.m ? rb.counts : &kZero;
+  const size_t ka = std::max<size_t>(ra.m, 1), kb = std::max<size_t>(rb.m, 1);
+  uint32_t ca = A[0], cb = B[0], cc = 0;
+  bool va = false, vb = false, v = false;
+  size_t a = 1, b = 1;
+  uint64_t remaining = 1;
+  while (remaining > 0) {
+    const uint32_t c = std::min(ca, cb);
+    cc += c;
+    ca -= c;
+    if (!ca && a < ka) {
+      ca = A[a++];
+      va = !va;
+    }
+    cb -= c;
+    if (!cb && b < kb) {
+      cb = B[b++];
+      vb = !vb;
+    }
+    remaining = uint64_t(ca) + cb;
+    const bool before = v;
+    v = intersect ? (va && vb) : (va || vb);
+    if (v != before || remaining == 0) {
+      out.push_back(cc);
+      cc = 0;
+    }
+  }
+}
+
 // ---- polygons
 
 // The boundary points of one polygon edge, upsampled as rleFrPoly does: (u, v) on a grid `scale`
@@ -244,57 +524,9 @@ void edge_points(int xs, int ys, int xe, int ye, Emit&& emit) {
   }
 }
 
-}  // namespace
-
-void check_size(int64_t h, int64_t w, const std::string& what) {
-  if (h < 0 || w < 0 || (h > 0 && w > int64_t(UINT32_MAX) / h)) {
-    fail(what + " must be non-negative with h * w < 2^32, got h=" + std::to_string(h) +
-         ", w=" + std::to_string(w));
-  }
-}
-
-size_t max_counts(uint64_t h, uint64_t w) { return size_t(h * w) + 1; }
-
-size_t encode(const uint8_t* mask, uint32_t h, uint32_t w, int64_t stride_h, int64_t stride_w,
-              uint32_t* counts) {
-  if (uint64_t(h) * w == 0) {
-    counts[0] = 0;
-    return 1;
-  }
-  if (h == 1 && stride_w == 1) return encode_columns(mask, w, 1, 1, counts);
-  if (stride_h == 1) return encode_columns(mask, h, w, stride_w, counts);
-  if (stride_w == 1) return encode_rows(mask, h, w, stride_h, counts);
-  return encode_strided(mask, h, w, stride_h, stride_w, counts);
-}
-
-// ---- compressed strings
-
-size_t max_string_length(size_t m) { return 7 * m; }
-
-size_t counts_to_chars(const uint32_t* counts, size_t m, char* out) {
-  char* p = out;
-  for (size_t i = 0; i < m; ++i) {
-    int64_t x = counts[i];
-    if (i > 2) x -= counts[i - 2];
-    for (;;) {
-      int c = int(x & 0x1f);
-      x >>= 5;  // arithmetic: the sign is carried by bit 0x10 of the last group
-      const bool more = (c & 0x10) ? x != -1 : x != 0;
-      if (more) c |= 0x20;
-      *p++ = char(c + 48);
-      if (!more) break;
-    }
-  }
-  return size_t(p - out);
-}
-
-std::string counts_to_string(const uint32_t* counts, size_t m) {
-  std::string s(max_string_length(m), '\0');
-  s.resize(counts_to_chars(counts, m, &s[0]));
-  return s;
-}
-
-size_t string_to_counts(const char* s, size_t len, uint32_t h, uint32_t w, uint32_t* counts) {
+// The careful parser: stops at the first problem and says what and where. Used to report the
+// errors that parse_fast detects.
+size_t parse_checked(const char* s, size_t len, uint32_t h, uint32_t w, uint32_t* counts) {
   const uint64_t pixels = uint64_t(h) * w;
   const auto* bytes = reinterpret_cast<const uint8_t*>(s);
   uint64_t total = 0;
@@ -335,6 +567,104 @@ size_t string_to_counts(const char* s, size_t len, uint32_t h, uint32_t w, uint3
   return m;
 }
 
+// The fast parser: one branch for the common one-character count; range and sum checked at the
+// end. Memory-safe on any bytes; returns false on any problem (then parse_checked says which).
+bool parse_fast(const uint8_t* s, size_t len, uint64_t pixels, uint32_t* counts, size_t& m_out) {
+  size_t m = 0, p = 0;
+  uint64_t total = 0, out_of_range = 0;
+  while (p < len) {
+    uint32_t c = uint32_t(s[p]) - 48u;  // bytes below '0' wrap to large values
+    int64_t x;
+    if (c < 0x20) {  // a single group: 5 bits, sign in 0x10
+      x = int64_t(c) - int64_t((c & 0x10) << 1);
+      ++p;
+    } else {
+      x = 0;
+      int shift = 0;
+      for (;;) {
+        if (c > 63) return false;
+        x |= int64_t(c & 0x1f) << shift;
+        shift += 5;
+        ++p;
+        if (!(c & 0x20)) break;
+        if (p == len || shift == 35) return false;
+        c = uint32_t(s[p]) - 48u;
+      }
+      if (c & 0x10) x -= int64_t(1) << shift;
+    }
+    if (m > 2) x += counts[m - 2];
+    out_of_range |= uint64_t(x) >> 32;  // negative or >= 2^32
+    total += uint32_t(x);
+    counts[m++] = uint32_t(x);
+  }
+  if (out_of_range || total != pixels) return false;
+  m_out = m;
+  return true;
+}
+
+// Masks with more runs than pixels / kShortRunsPerPixel decode through a transpose.
+constexpr uint32_t kShortRunsPerPixel = 24;
+
+}  // namespace
+
+void check_size(int64_t h, int64_t w, const std::string& what) {
+  if (h < 0 || w < 0 || (h > 0 && w > int64_t(UINT32_MAX) / h)) {
+    fail(what + " must be non-negative with h * w < 2^32, got h=" + std::to_string(h) +
+         ", w=" + std::to_string(w));
+  }
+}
+
+size_t max_counts(uint64_t h, uint64_t w) { return size_t(h * w) + 1; }
+
+size_t encode(const uint8_t* mask, uint32_t h, uint32_t w, int64_t stride_h, int64_t stride_w,
+              uint32_t* counts) {
+  if (uint64_t(h) * w == 0) {
+    counts[0] = 0;
+    return 1;
+  }
+  if (h == 1 && stride_w == 1) return encode_columns(mask, w, 1, 1, counts);
+  if (stride_h == 1) return encode_columns(mask, h, w, stride_w, counts);
+  if (stride_w == 1) return encode_rows(mask, h, w, stride_h, counts);
+  return encode_strided(mask, h, w, stride_h, stride_w, counts);
+}
+
+// ---- compressed strings
+
+size_t max_string_length(size_t m) { return 7 * m; }
+
+size_t counts_to_chars(const uint32_t* counts, size_t m, char* out) {
+  char* p = out;
+  for (size_t i = 0; i < m; ++i) {
+    int64_t x = counts[i];
+    if (i > 2) x -= counts[i - 2];
+    if (uint64_t(x + 16) < 32) {  // one character: 5 bits with the sign in 0x10
+      *p++ = char((x & 0x1f) + 48);
+      continue;
+    }
+    for (;;) {
+      int c = int(x & 0x1f);
+      x >>= 5;  // arithmetic: the sign is carried by bit 0x10 of the last group
+      const bool more = (c & 0x10) ? x != -1 : x != 0;
+      if (more) c |= 0x20;
+      *p++ = char(c + 48);
+      if (!more) break;
+    }
+  }
+  return size_t(p - out);
+}
+
+size_t string_to_counts(const char* s, size_t len, uint32_t h, uint32_t w, uint32_t* counts) {
+  size_t m = 0;
+  if (parse_fast(reinterpret_cast<const uint8_t*>(s), len, uint64_t(h) * w, counts, m)) return m;
+  return parse_checked(s, len, h, w, counts);  // throws, saying why
+}
+
+std::string counts_to_string(const uint32_t* counts, size_t m) {
+  std::string s(max_string_length(m), '\0');
+  s.resize(counts_to_chars(counts, m, &s[0]));
+  return s;
+}
+
 void check_counts(const uint32_t* counts, size_t m, uint32_t h, uint32_t w) {
   uint64_t total = 0;
   for (size_t i = 0; i < m; ++i) total += counts[i];
@@ -348,24 +678,12 @@ void check_counts(const uint32_t* counts, size_t m, uint32_t h, uint32_t w) {
 // ---- decoding
 
 void decode_column_major(const RleView& rle, uint8_t* out) {
-  struct Fill {
-    uint8_t bytes[2][32];
-    constexpr Fill() : bytes() {
-      for (int i = 0; i < 32; ++i) bytes[1][i] = 1;
-    }
-  };
-  static constexpr Fill fill;
   uint8_t* p = out;
   uint8_t* const end = out + rle.pixels();
   int value = 0;
   for (size_t k = 0; k < rle.m; ++k) {
-    const uint32_t c = rle.counts[k];
-    if (c <= 32 && end - p >= 32) {
-      std::memcpy(p, fill.bytes[value], 32);  // short run: one fixed-size store, overwritten later
-    } else {
-      std::memset(p, value, c);
-    }
-    p += c;
+    fill_run(p, end, value, rle.counts[k]);
+    p += rle.counts[k];
     value ^= 1;
   }
 }
@@ -374,56 +692,52 @@ void decode_row_major(const RleView& rle, uint8_t* out) {
   const uint32_t h = rle.h, w = rle.w;
   const uint32_t pixels = h * w;
   if (pixels == 0) return;
-  thread_local Scratch<uint32_t> rows_buffer, starts_buffer;
-  // Pass 1 over the run starts: row 0 (each column's first pixel) and the number of run starts
-  // in each row y > 0. Pixel p is 1 when an odd number of run starts are <= p.
+  if (rle.m > pixels / kShortRunsPerPixel) {
+    thread_local Scratch<uint8_t> column_major;
+    uint8_t* tmp = column_major.get(pixels);
+    decode_column_major(rle, tmp);
+    column_to_row_major(tmp, h, w, out);
+    return;
+  }
+  thread_local Scratch<uint32_t> rows_buffer, events_buffer, starts_buffer;
+  // One walk over the run starts (pixel p is 1 when an odd number of run starts are <= p) writes
+  // row 0 (each column's first pixel) and records the starts in rows y > 0 as (y, x) events.
   uint32_t* row_next = rows_buffer.get(size_t(h) + 1);
   std::memset(row_next, 0, sizeof(uint32_t) * (size_t(h) + 1));
   uint32_t* per_row = row_next + 1;
   const size_t n_starts = rle.m > 0 ? rle.m - 1 : 0;
-  uint32_t position = 0, x = 0, y = 0, next_column = 0;
+  uint32_t* events = events_buffer.get(2 * std::max<size_t>(n_starts, 1));
+  size_t n_events = 0;
+  const DivideBy by_h(h);
+  uint32_t position = 0, next_column = 0;
   uint8_t value = 0;
   for (size_t k = 0; k < n_starts; ++k) {
-    const uint32_t c = rle.counts[k];
-    position += c;
-    y += c;
-    if (y >= h) {
-      x += y / h;
-      y %= h;
-    }
+    position += rle.counts[k];
     if (position >= pixels) break;  // zero-length runs at the very end
+    const uint32_t x = by_h(position), y = position - x * h;
     const uint32_t columns_before = y > 0 ? x + 1 : x;  // columns starting before this run
     for (; next_column < columns_before; ++next_column) out[next_column] = value;
     value ^= 1;
-    if (y > 0) ++per_row[y];
+    if (y > 0) {
+      ++per_row[y];
+      events[2 * n_events] = y;
+      events[2 * n_events + 1] = x;
+      ++n_events;
+    }
   }
   for (; next_column < w; ++next_column) out[next_column] = value;
-  // Counting sort of the run starts in rows y > 0 by row.
+  // Counting sort of the events by row.
   uint32_t slot = 0;
   for (uint32_t r = 0; r < h; ++r) {
     const uint32_t n = per_row[r];
     per_row[r] = slot;
     slot += n;
   }
-  uint32_t* starts_by_row = starts_buffer.get(std::max<uint32_t>(slot, 1));
-  position = x = y = 0;
-  for (size_t k = 0; k < n_starts; ++k) {
-    const uint32_t c = rle.counts[k];
-    position += c;
-    y += c;
-    if (y >= h) {
-      x += y / h;
-      y %= h;
-    }
-    if (position >= pixels) break;
-    if (y > 0) starts_by_row[per_row[y]++] = x;
-  }
+  uint32_t* starts_by_row = starts_buffer.get(std::max<size_t>(n_events, 1));
+  for (size_t e = 0; e < n_events; ++e) starts_by_row[per_row[events[2 * e]]++] = events[2 * e + 1];
+  // Rows y > 0: row y - 1 with the columns where a run starts flipped.
   // per_row[y] is now the end of row y's starts, row_next[y] = per_row[y - 1] its beginning.
-  for (uint32_t r = 1; r < h; ++r) {
-    uint8_t* row = out + size_t(r) * w;
-    std::memcpy(row, row - w, w);
-    for (uint32_t e = row_next[r]; e < per_row[r]; ++e) row[starts_by_row[e]] ^= 1;
-  }
+  pick_sweep_rows()(out, h, w, row_next, per_row, starts_by_row);
 }
 
 // ---- measures
@@ -435,21 +749,22 @@ uint32_t area(const RleView& rle) {
 }
 
 void to_bbox(const RleView& rle, double* box) {
-  // pycocotools' arithmetic, uint32 wrap-around included (it shows only for counts with a
-  // zero-length foreground run and no other).
+  // pycocotools' rule; an empty mask gives zeros (pycocotools' uint32 arithmetic wraps around when
+  // zero-length foreground runs are all there is).
   const uint32_t h = rle.h, w = rle.w;
   const size_t m = rle.m / 2 * 2;
   if (m == 0) {
     box[0] = box[1] = box[2] = box[3] = 0;
     return;
   }
+  const DivideBy by_h(h);
   uint32_t xs = w, ys = h, xe = 0, ye = 0, cc = 0;
   for (size_t j = 0; j < m; ++j) {
     const uint32_t start = cc;
     cc += rle.counts[j];
     if (j % 2 == 0 || rle.counts[j] == 0) continue;
-    const uint32_t y_start = start % h, x_start = start / h;
-    const uint32_t y_end = (cc - 1) % h, x_end = (cc - 1) / h;
+    const uint32_t x_start = by_h(start), y_start = start - x_start * h;
+    const uint32_t x_end = by_h(cc - 1), y_end = cc - 1 - x_end * h;
     xs = std::min(xs, x_start);
     xe = std::max(xe, x_end);
     if (x_start < x_end) {
@@ -459,6 +774,10 @@ void to_bbox(const RleView& rle, double* box) {
       ys = std::min(ys, y_start);
       ye = std::max(ye, y_end);
     }
+  }
+  if (xs > xe) {  // no foreground pixel (zero-length foreground runs only)
+    box[0] = box[1] = box[2] = box[3] = 0;
+    return;
   }
   box[0] = xs;
   box[2] = uint32_t(xe - xs + 1);
@@ -487,72 +806,48 @@ void box_iou(const double* dt, size_t m, const double* gt, size_t n, const uint8
   }
 }
 
-double iou(const RleView& dt, const RleView& gt, bool crowd) {
-  // Walk both run lists at once (pycocotools' rleIou loop).
-  static const uint32_t kZero = 0;
-  const uint32_t* A = dt.m ? dt.counts : &kZero;
-  const uint32_t* B = gt.m ? gt.counts : &kZero;
-  const size_t ka = std::max<size_t>(dt.m, 1), kb = std::max<size_t>(gt.m, 1);
-  uint32_t ca = A[0], cb = B[0], inter = 0, uni = 0;
-  bool va = false, vb = false;
-  size_t a = 1, b = 1;
-  uint64_t remaining = 1;
-  while (remaining > 0) {
-    const uint32_t c = std::min(ca, cb);
-    if (va || vb) {
-      uni += c;
-      if (va && vb) inter += c;
+void iou(const RleView* dt, size_t m, const RleView* gt, size_t n, const uint8_t* iscrowd,
+         double* out, int num_threads) {
+  std::vector<double> dt_boxes(4 * m), gt_boxes(4 * n);
+  for (size_t d = 0; d < m; ++d) to_bbox(dt[d], dt_boxes.data() + 4 * d);
+  for (size_t g = 0; g < n; ++g) to_bbox(gt[g], gt_boxes.data() + 4 * g);
+  box_iou(dt_boxes.data(), m, gt_boxes.data(), n, iscrowd, out);  // the prefilter
+  std::vector<Foreground> dt_fg, gt_fg;
+  dt_fg.reserve(m);
+  gt_fg.reserve(n);
+  for (size_t d = 0; d < m; ++d) dt_fg.emplace_back(dt[d]);
+  for (size_t g = 0; g < n; ++g) gt_fg.emplace_back(gt[g]);
+  parallel_for(int64_t(n), num_threads, [&](int64_t gi) {
+    const size_t g = size_t(gi);
+    const bool crowd = iscrowd != nullptr && iscrowd[g];
+    for (size_t d = 0; d < m; ++d) {
+      double& o = out[g * m + d];
+      if (!(o > 0)) continue;  // the boxes do not overlap: neither do the masks
+      if (dt[d].h != gt[g].h || dt[d].w != gt[g].w) {
+        o = -1;
+      } else {
+        const Foreground &a = dt_fg[d], &b = gt_fg[g];
+        const uint32_t inter = intersection(a, b);
+        const uint32_t uni = inter == 0 ? 1 : crowd ? a.area : a.area + b.area - inter;
+        o = double(inter) / double(uni);
+      }
     }
-    ca -= c;
-    if (!ca && a < ka) {
-      ca = A[a++];
-      va = !va;
-    }
-    cb -= c;
-    if (!cb && b < kb) {
-      cb = B[b++];
-      vb = !vb;
-    }
-    remaining = uint64_t(ca) + cb;
-  }
-  if (inter == 0) {
-    uni = 1;
-  } else if (crowd) {
-    uni = area(dt);
-  }
-  return double(inter) / double(uni);
+  });
 }
 
-void merge(const RleView& ra, const RleView& rb, bool intersect, std::vector<uint32_t>& out) {
-  // pycocotools' rleMerge loop for two RLEs: a count is emitted whenever the merged value changes.
-  static const uint32_t kZero = 0;
-  const uint32_t* A = ra.m ? ra.counts : &kZero;
-  const uint32_t* B = rb.m ? rb.counts : &kZero;
-  const size_t ka = std::max<size_t>(ra.m, 1), kb = std::max<size_t>(rb.m, 1);
-  uint32_t ca = A[0], cb = B[0], cc = 0;
-  bool va = false, vb = false, v = false;
-  size_t a = 1, b = 1;
-  uint64_t remaining = 1;
-  while (remaining > 0) {
-    const uint32_t c = std::min(ca, cb);
-    cc += c;
-    ca -= c;
-    if (!ca && a < ka) {
-      ca = A[a++];
-      va = !va;
-    }
-    cb -= c;
-    if (!cb && b < kb) {
-      cb = B[b++];
-      vb = !vb;
-    }
-    remaining = uint64_t(ca) + cb;
-    const bool before = v;
-    v = intersect ? (va && vb) : (va || vb);
-    if (v != before || remaining == 0) {
-      out.push_back(cc);
-      cc = 0;
-    }
+void merge(const RleView* rles, size_t n, bool intersect, std::vector<uint32_t>& out) {
+  if (n == 1) {
+    out.assign(rles[0].counts, rles[0].counts + rles[0].m);
+    return;
+  }
+  std::vector<uint32_t> next, other;
+  canonical_counts(rles[0], out);
+  for (size_t i = 1; i < n; ++i) {
+    canonical_counts(rles[i], other);
+    next.clear();
+    merge_two(RleView{rles[0].h, rles[0].w, out.data(), out.size()},
+              RleView{rles[0].h, rles[0].w, other.data(), other.size()}, intersect, next);
+    out.swap(next);
   }
 }
 

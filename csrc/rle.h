@@ -80,24 +80,32 @@ void check_counts(const uint32_t* counts, size_t m, uint32_t h, uint32_t w);
 
 // Writes the mask as h * w bytes (0/1) in column-major (Fortran) order.
 void decode_column_major(const RleView& rle, uint8_t* out);
-// Writes the mask as h * w bytes (0/1) in row-major (C) order: a sweep over rows, each row the
-// row above with the pixels where a run starts flipped.
+// Writes the mask as h * w bytes (0/1) in row-major (C) order. Long runs: a sweep over rows, each
+// row the row above with the pixels where a run starts flipped; short runs: column-major decode
+// into a scratch buffer, then a blocked transpose.
 void decode_row_major(const RleView& rle, uint8_t* out);
 
 // ---- measures (counts must be valid)
 
 // Foreground pixels.
 uint32_t area(const RleView& rle);
-// [x, y, width, height] of the foreground as pycocotools' rleToBbox computes it (zeros when empty).
+// [x, y, width, height] of the foreground as pycocotools' rleToBbox computes it; zeros when empty
+// (where pycocotools' arithmetic wraps around for counts with only zero-length foreground runs).
 void to_bbox(const RleView& rle, double* box);
 // IoU of box lists as pycocotools' bbIou: boxes xywh, out[g * m + d] for dt d, gt g;
 // a crowd gt divides by the dt area instead of the union.
 void box_iou(const double* dt, size_t m, const double* gt, size_t n, const uint8_t* iscrowd,
              double* out);
-// Mask IoU of dt and gt (same size; crowd: intersection / area(dt)); 0 when they do not intersect.
-double iou(const RleView& dt, const RleView& gt, bool crowd);
-// Union (intersect = false) or intersection of two RLEs of one size, appended to `out`.
-void merge(const RleView& a, const RleView& b, bool intersect, std::vector<uint32_t>& out);
+// IoU of RLE lists as pycocotools' rleIou, out[g * m + d] for dt d, gt g: 0 where the boxes do not
+// overlap or nothing intersects, -1 for masks of different sizes, crowd: intersection / area(dt).
+// Exact on any valid counts (pycocotools' walk stops early when both lists reach zero-length runs
+// at once). Spread over num_threads threads (0 = module default).
+void iou(const RleView* dt, size_t m, const RleView* gt, size_t n, const uint8_t* iscrowd,
+         double* out, int num_threads);
+// Union (intersect = false) or intersection of rles[0, n) (n >= 1, one size) into `out`: rles[0]'s
+// counts when n == 1, else the canonical counts (no zero-length run past the first) of the result,
+// as pycocotools' rleMerge gives for canonical inputs (it overruns its buffer on others).
+void merge(const RleView* rles, size_t n, bool intersect, std::vector<uint32_t>& out);
 
 // ---- from other shapes
 

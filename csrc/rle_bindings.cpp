@@ -262,16 +262,10 @@ py::array_t<uint32_t> area_binding(const RleList& rles) {
   return out;
 }
 
-std::vector<double> boxes_of(const RleList& rles) {
-  std::vector<double> boxes(4 * rles.size());
-  for (size_t i = 0; i < rles.size(); ++i) to_bbox(rles.view(i), boxes.data() + 4 * i);
-  return boxes;
-}
-
 py::array_t<double> to_bbox_binding(const RleList& rles) {
   py::array_t<double> out({py::ssize_t(rles.size()), py::ssize_t(4)});
-  const std::vector<double> boxes = boxes_of(rles);
-  std::copy(boxes.begin(), boxes.end(), out.mutable_data());
+  double* boxes = out.mutable_data();
+  for (size_t i = 0; i < rles.size(); ++i) to_bbox(rles.view(i), boxes + 4 * i);
   return out;
 }
 
@@ -289,6 +283,12 @@ const uint8_t* crowd_flags(const py::array_t<uint8_t>& iscrowd, size_t n) {
   return iscrowd.data();
 }
 
+std::vector<RleView> views(const RleList& rles) {
+  std::vector<RleView> out(rles.size());
+  for (size_t i = 0; i < rles.size(); ++i) out[i] = rles.view(i);
+  return out;
+}
+
 py::array_t<double> iou_binding(const RleList& dt, const RleList& gt,
                                 const py::array_t<uint8_t, py::array::c_style>& iscrowd,
                                 int num_threads) {
@@ -296,18 +296,9 @@ py::array_t<double> iou_binding(const RleList& dt, const RleList& gt,
   const uint8_t* crowd = crowd_flags(iscrowd, n);
   py::array_t<double> out = iou_matrix(m, n);
   double* o = out.mutable_data();
-  const std::vector<double> dt_boxes = boxes_of(dt), gt_boxes = boxes_of(gt);
+  const std::vector<RleView> dt_views = views(dt), gt_views = views(gt);
   py::gil_scoped_release release;
-  box_iou(dt_boxes.data(), m, gt_boxes.data(), n, crowd, o);
-  parallel_for(int64_t(n), num_threads, [&](int64_t g) {
-    const RleView b = gt.view(size_t(g));
-    for (size_t d = 0; d < m; ++d) {
-      double& value = o[size_t(g) * m + d];
-      if (!(value > 0)) continue;  // the boxes do not overlap: neither do the masks
-      const RleView a = dt.view(d);
-      value = (a.h != b.h || a.w != b.w) ? -1.0 : iou(a, b, crowd[g] != 0);
-    }
-  });
+  iou(dt_views.data(), m, gt_views.data(), n, crowd, o, num_threads);
   return out;
 }
 
@@ -324,14 +315,8 @@ py::array_t<double> box_iou_binding(const py::array_t<double, py::array::c_style
 py::dict merge_binding(const RleList& rles, bool intersect) {
   const auto size = rles.common_size("rleObjs");
   if (rles.size() == 0) return make_rle(0, 0, "", 0);
-  const RleView first = rles.view(0);
-  std::vector<uint32_t> merged(first.counts, first.counts + first.m), next;
-  for (size_t i = 1; i < rles.size(); ++i) {
-    next.clear();
-    merge(RleView{size.first, size.second, merged.data(), merged.size()}, rles.view(i), intersect,
-          next);
-    merged.swap(next);
-  }
+  std::vector<uint32_t> merged;
+  merge(views(rles).data(), rles.size(), intersect, merged);
   return make_rle(size.first, size.second, merged);
 }
 

@@ -196,28 +196,43 @@ def test_round_trips(rng, h, w):
     assert rle.encode_masks(rle.decode_masks(rles)) == rles
 
 
-def test_non_canonical_counts_match_pycocotools():
-    """Zero-length runs in the middle or at the end: valid counts pycocotools' encoder never makes."""
-    cases = [
-        ([5, 0], 5, 1),
-        ([0, 0, 5], 1, 5),
-        ([2, 0, 3], 5, 1),
-        ([0, 2, 0, 3, 1], 3, 2),
-        ([3, 0, 0, 2, 1, 0], 3, 2),
-        ([0, 6], 2, 3),
-        ([1, 0, 0, 0, 5], 2, 3),
-    ]
-    for counts, h, w in cases:
-        r = coco.frPyObjects({"size": [h, w], "counts": counts}, h, w)
-        assert rle.frPyObjects({"size": [h, w], "counts": counts}, h, w) == r
-        np.testing.assert_array_equal(rle.decode(r), coco.decode(r))
-        np.testing.assert_array_equal(rle.decode_masks([r]).numpy()[0], coco.decode(r))
-        assert rle.area(r) == coco.area(r)
-        np.testing.assert_array_equal(rle.toBbox(r), coco.toBbox(r))
-        for other in (coco.encode(np.asfortranarray(np.eye(h, w, dtype=np.uint8))), r):
-            for intersect in (0, 1):
-                assert rle.merge([r, other], intersect) == coco.merge([r, other], intersect)
-            np.testing.assert_array_equal(rle.iou([r], [other], [0]), coco.iou([r], [other], [0]))
+NON_CANONICAL = [  # valid counts with zero-length runs past the first: pycocotools never makes them
+    ([5, 0], 5, 1),
+    ([0, 0, 5], 1, 5),
+    ([2, 0, 3], 5, 1),
+    ([0, 2, 0, 3, 1], 3, 2),
+    ([3, 0, 0, 2, 1, 0], 3, 2),
+    ([1, 0, 0, 0, 5], 2, 3),
+    ([1, 0, 0, 2], 3, 1),  # pycocotools' iou walk stops early on this one against itself: 0
+    ([0, 0, 0, 0, 0, 0, 0, 0, 0, 3], 1, 3),  # pycocotools' merge overruns its buffer on this one
+]
+
+
+def exact_iou(a, b, crowd):
+    inter, union = np.logical_and(a, b).sum(), np.logical_or(a, b).sum()
+    return 0.0 if inter == 0 else inter / (a.sum() if crowd else union)
+
+
+@pytest.mark.parametrize("counts,h,w", NON_CANONICAL)
+def test_non_canonical_counts_are_exact(counts, h, w):
+    """Decode and area match pycocotools; merge, iou and toBbox give the exact answer (pycocotools'
+    walks assume no zero-length runs: they stop early, overrun a buffer or wrap around)."""
+    r = coco.frPyObjects({"size": [h, w], "counts": counts}, h, w)
+    assert rle.frPyObjects({"size": [h, w], "counts": counts}, h, w) == r
+    mask = coco.decode(r)
+    np.testing.assert_array_equal(rle.decode(r), mask)
+    np.testing.assert_array_equal(rle.decode_masks([r]).numpy()[0], mask)
+    assert rle.area(r) == coco.area(r)
+    ys, xs = np.nonzero(mask)
+    box = [xs.min(), ys.min(), np.ptp(xs) + 1, np.ptp(ys) + 1] if len(xs) else [0, 0, 0, 0]
+    np.testing.assert_array_equal(rle.toBbox(r), box)
+    other_mask = np.asfortranarray(np.eye(h, w, dtype=np.uint8))
+    for other, m2 in ((coco.encode(other_mask), other_mask), (r, mask)):
+        assert rle.merge([r, other]) == rle.encode(mask | m2)
+        assert rle.merge([r, other], intersect=1) == rle.encode(mask & m2)
+        for crowd in (0, 1):
+            np.testing.assert_allclose(rle.iou([r], [other], [crowd]), [[exact_iou(mask, m2, crowd)]])
+    assert rle.merge([r]) == r  # one RLE: its counts as given, as pycocotools
 
 
 # ---------------------------------------------------------------- area, toBbox, iou, merge
