@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import torch
+import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 from triton.runtime.jit import JITFunction
 
@@ -34,6 +35,23 @@ def _call_library_interpreted(self: JITFunction, *args: Any, **kwargs: Any) -> A
     return helper(*args, **kwargs)
 
 
+# Namespaces the interpreter patches with interpreted builtins. It restores those it patched for the
+# kernel itself, but not those patched when a nested library function (whose module sees tl.core)
+# runs: without the snapshot below, a later GPU compilation in the same process would see them.
+_LANGUAGE_NAMESPACES = (tl, tl.core, tl.math, tl.standard, tl.core.tensor, tl.core.dtype)
+
+
+def _snapshot_language() -> list:
+    return [(space, dict(vars(space))) for space in _LANGUAGE_NAMESPACES]
+
+
+def _restore_language(snapshot: list) -> None:
+    for space, attrs in snapshot:  # names the interpreter added (its own globals) stay
+        for name, value in attrs.items():
+            if vars(space).get(name) is not value:
+                setattr(space, name, value)
+
+
 class DualJITFunction(JITFunction):
     """A JITFunction that falls back to the interpreter when no argument lives on a GPU."""
 
@@ -50,11 +68,13 @@ class DualJITFunction(JITFunction):
         if _on_cuda(args, kwargs):
             return super().run(*args, grid=grid, warmup=warmup, **kwargs)
         library_call = JITFunction.__call__
+        language = _snapshot_language()
         JITFunction.__call__ = _call_library_interpreted
         try:
             return self._interpreted.run(*args, grid=grid, warmup=warmup, **kwargs)
         finally:
             JITFunction.__call__ = library_call
+            _restore_language(language)
 
 
 def jit(fn: Callable | None = None, **kwargs: Any) -> Any:

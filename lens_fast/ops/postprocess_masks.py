@@ -89,6 +89,8 @@ def postprocess_masks_torch(
     low_res: torch.Tensor, input_size: Sequence[int], original_size: Sequence[int], image_size: int = 1024
 ) -> torch.Tensor:
     """Reference: ``Sam.postprocess_masks`` on float32 logits [..., h, w] -> float32 [..., H, W]."""
+    if low_res.numel() == 0:
+        return torch.zeros((*low_res.shape[:-2], *original_size), dtype=torch.float32, device=low_res.device)
     x = low_res.float().reshape(1, -1, *low_res.shape[-2:])
     x = F.interpolate(x, (image_size, image_size), mode="bilinear", align_corners=False)
     x = x[..., : input_size[0], : input_size[1]]
