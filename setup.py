@@ -80,6 +80,7 @@ setup(
             "rlemasklib>=0.8",
             "faster-coco-eval>=1.6",
             "torchmetrics>=1.4",
+            "trl>=1.0",
         ],
         "flash": ["flash-attn>=2.6"],
     },

@@ -2,6 +2,13 @@
 
 See ``lens_fast._backend`` for the ``backend`` argument.
 """
-from lens_fast.ops.mask_stats import MaskStats
+from lens_fast.ops.box_iou import box_iou, box_iou_aligned
+from lens_fast.ops.mask_stats import MaskStats, mask_iou, mask_stats
 
-__all__ = ["MaskStats"]
+__all__ = [
+    "MaskStats",
+    "box_iou",
+    "box_iou_aligned",
+    "mask_iou",
+    "mask_stats",
+]

@@ -1,0 +1,78 @@
+"""LENS's stage-2 reward: IoU(box, gt_box)^2 + IoU(mask, gt_mask)^2, plus the think/answer format on CoT runs."""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from lens_fast import ops
+from lens_fast.rewards.batch import (
+    RewardOutput,
+    as_float,
+    check_completions,
+    float_tensor,
+    frame_scale,
+    group_size,
+    pack_boxes,
+    parse_all,
+    scale_boxes,
+    total,
+)
+from lens_fast.rewards.parsing import think_answer_format
+
+
+def lens_reward(
+    completions: Sequence[str],
+    gt_boxes: object,
+    *,
+    pred_masks: Optional[torch.Tensor] = None,
+    gt_masks: Optional[torch.Tensor] = None,
+    cot: bool = False,
+    policy_size: object = None,
+    gt_size: object = None,
+    mask_threshold: float = 0.0,
+    empty_mask_iou: float = 1.0,
+    backend: Optional[str] = None,
+) -> RewardOutput:
+    """LENS reward of ``N = B * G`` completions (``completions[b * G + g]`` answers prompt b).
+
+    - ``gt_boxes``: [B, 4] xyxy in the ground truth's pixel frame. The predicted box is the parsed
+      answer's first box (:func:`~lens_fast.rewards.parse_answer`), scaled by ``gt_size / policy_size``
+      when those [B, 2] (height, width) sizes are given; no box scores 0.
+    - ``pred_masks`` [B, G, H, W] (bool/uint8, or logits with foreground ``> mask_threshold``) against
+      ``gt_masks`` [B, H, W] (bool/uint8): IoU^2 in one fused ``ops.mask_iou`` call (``backend`` as
+      there); a pair whose union is empty has IoU ``empty_mask_iou``.
+    - ``cot=True`` adds ``format``: 1 when the completion starts with ``<think>…</think>`` then
+      ``<answer>…</answer>`` (LENS's ``re.match``).
+
+    Returns :class:`RewardOutput`: float32 [N] on the masks' device (else ``gt_boxes``', else CPU),
+    with components ``box``, ``mask`` (with masks), ``format`` (with ``cot``).
+    """
+    texts = check_completions(completions)
+    if (pred_masks is None) != (gt_masks is None):
+        raise ValueError("pred_masks and gt_masks go together: give both or neither")
+    if pred_masks is not None:
+        device = pred_masks.device
+    else:
+        device = gt_boxes.device if isinstance(gt_boxes, torch.Tensor) else torch.device("cpu")
+    gt = float_tensor("gt_boxes", gt_boxes, (-1, 4), device)
+    num_prompts = gt.shape[0]
+    groups = group_size(len(texts), num_prompts)
+
+    boxes, valid = pack_boxes([answer.box for answer in parse_all(texts)], device)
+    scale = frame_scale(policy_size, gt_size, num_prompts, device)
+    boxes = scale_boxes(boxes.view(num_prompts, groups, 4), None if scale is None else scale[:, None])
+    box_iou = ops.box_iou_aligned(boxes, gt[:, None]).reshape(-1)
+    components = {"box": torch.where(valid, box_iou, 0.0).square()}
+
+    if pred_masks is not None:
+        if pred_masks.dim() != 4 or tuple(pred_masks.shape[:2]) != (num_prompts, groups):
+            raise ValueError(
+                f"pred_masks must be [B, G, H, W] = [{num_prompts}, {groups}, H, W] for {len(texts)} completions "
+                f"and {num_prompts} ground-truth boxes, got shape {tuple(pred_masks.shape)}"
+            )
+        mask_iou = ops.mask_iou(pred_masks, gt_masks, threshold=mask_threshold, empty=empty_mask_iou, backend=backend)
+        components["mask"] = mask_iou.reshape(-1).square()
+    if cot:
+        components["format"] = as_float([think_answer_format(t, strict=False) for t in texts], device)
+    return total(components)
