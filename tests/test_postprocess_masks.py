@@ -208,6 +208,25 @@ def test_backends_agree_on_many_masks(rng):
         assert torch.equal(a, b) or (a - b).abs().max() <= 1  # a near-threshold flip at most
 
 
+@pytest.mark.parametrize("case", [CASES[1], CASES[4]], ids=["sam-like", "low-res-above-image-size"])
+def test_triton_gpu_tiling_under_interpreter(rng, monkeypatch, case):
+    """GPU-style tiles on CPU: several row tiles (windows starting mid-image), column tiles with a
+    ragged end, and a ragged last block of masks; the interpreter otherwise runs one program."""
+    from lens_fast.kernels import postprocess_masks as kernels
+
+    shape, image_size, input_size, original_size = case_sizes(case)
+    low = logits(rng, (3, *shape[-3:]))[:, :3]  # 3 x 3 = 9 masks: blocks of 4 leave 1
+    gt = torch.from_numpy(rng.random((3, *original_size)) < 0.5)
+    spans = kernels._tiles(low, image_size, original_size)
+    monkeypatch.setattr(
+        kernels, "_tiles", lambda *args: dict(spans, MASKS=4, ROWS=9, BLOCK_X=32)
+    )
+    ref = sam_reference(low, input_size, original_size, image_size)
+    out = postprocess_masks(low, input_size, original_size, image_size=image_size, backend="triton")
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert_stats_match(low, gt, input_size, original_size, 0.0, image_size, "triton")
+
+
 def test_default_backend_on_cpu_is_cpp(rng):
     low = logits(rng, (1, 2, 8, 8))
     assert torch.equal(
@@ -283,22 +302,24 @@ def test_kernels_compile_for_gpu(monkeypatch, tmp_path):
         return compiler.compile(compiler.ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", 90, 32))
 
     floats = {n: "fp32" for n in ("threshold", "scale_h1", "scale_w1", "scale_h2", "scale_w2")}
+    taps = {"taps_i_ptr": "*i32", "taps_f_ptr": "*fp32"}
+    gpu = {"MASKS": 4, "ROWS": 32, "BLOCK_X": 128, "SPAN_Y": 3, "SPAN_X": 3}
     try:
         compile_kernel(
-            kernels.postprocess_masks_kernel, {"low_ptr": "*bf16", "out_ptr": "*bf16", **floats},
-            {"APPLY_THRESHOLD": False, "BLOCK_Y": 4, "BLOCK_X": 128},
+            kernels.postprocess_masks_kernel, {"low_ptr": "*bf16", "out_ptr": "*bf16", **taps, **floats},
+            {"APPLY_THRESHOLD": False, **gpu},
         )
     except (FileNotFoundError, RuntimeError) as error:  # no ptxas in this Triton install
         pytest.skip(f"cannot compile for CUDA here: {error}")
     compile_kernel(
-        kernels.postprocess_masks_kernel, {"low_ptr": "*fp32", "out_ptr": "*u8", **floats},
-        {"APPLY_THRESHOLD": True, "BLOCK_Y": 4, "BLOCK_X": 128, "out_w": 1},
+        kernels.postprocess_masks_kernel, {"low_ptr": "*fp32", "out_ptr": "*u8", **taps, **floats},
+        {"APPLY_THRESHOLD": True, **gpu, "SPAN_Y": 5, "SPAN_X": 4, "out_w": 1},
     )
     compile_kernel(
         kernels.postprocess_mask_stats_kernel,
-        {"low_ptr": "*fp16", "gt_ptr": "*u8", "acc_ptr": "*i32", "gt_acc_ptr": "*i32", **floats},
-        {"BLOCK_Y": 4, "BLOCK_X": 128},
+        {"low_ptr": "*fp16", "gt_ptr": "*u8", "acc_ptr": "*i32", "gt_acc_ptr": "*i32", **taps, **floats}, gpu,
     )
+    compile_kernel(kernels.composite_taps_kernel, {**taps, **floats}, {"BLOCK": 1024})
     compile_kernel(
         kernels.finalize_mask_stats_kernel,
         {"acc_ptr": "*i32", "gt_acc_ptr": "*i32", "inter_ptr": "*i64", "union_ptr": "*i64",
