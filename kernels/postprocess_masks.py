@@ -164,6 +164,31 @@ def _row_logits(
 
 
 @jit
+def _program_tile(taps_i_ptr, taps_f_ptr, n_masks, n_col_tiles, n_row_tiles, out_h, out_w,
+                  MASKS: tl.constexpr, BLOCK_X: tl.constexpr):
+    """This program's row tile, masks [MASKS] (ids past n_masks in the last block), low-res mask index
+    clamped into range, columns [BLOCK_X] with their validity and tap vectors."""
+    pid = tl.program_id(0)
+    col_tile = pid % n_col_tiles
+    row_tile = (pid // n_col_tiles) % n_row_tiles
+    masks = (pid // (n_col_tiles * n_row_tiles)) * MASKS + tl.arange(0, MASKS)
+    cols = col_tile * BLOCK_X + tl.arange(0, BLOCK_X)
+    col_ok = cols < out_w
+    x_base, x_o1, x_o2, x_o3, b0, b1, b2, xp0, xp1, xp2, xp3 = _load_taps(taps_i_ptr, taps_f_ptr, out_h + cols, col_ok)
+    return (
+        row_tile, masks, tl.minimum(masks, n_masks - 1), cols, col_ok,
+        x_base, x_o1, x_o2, x_o3, b0, b1, b2, xp0, xp1, xp2, xp3,
+    )
+
+
+@jit
+def _empty_window(MASKS: tl.constexpr, BLOCK_X: tl.constexpr):
+    """A window holding no rows: its base and three [MASKS, BLOCK_X] rows."""
+    empty = tl.zeros((MASKS, BLOCK_X), dtype=tl.float32)
+    return tl.zeros((), dtype=tl.int32) - 4, empty, empty, empty
+
+
+@jit
 def postprocess_masks_kernel(
     low_ptr, taps_i_ptr, taps_f_ptr, out_ptr, threshold, n_masks, n_col_tiles, n_row_tiles,
     stride_m, stride_h, stride_w, h, w, out_h, out_w,
@@ -174,21 +199,13 @@ def postprocess_masks_kernel(
 
     A program: MASKS masks x BLOCK_X columns, walking down ROWS rows.
     """
-    pid = tl.program_id(0)
-    col_tile = pid % n_col_tiles
-    row_tile = (pid // n_col_tiles) % n_row_tiles
-    masks = (pid // (n_col_tiles * n_row_tiles)) * MASKS + tl.arange(0, MASKS)
-    mask_ok = (masks < n_masks)[:, None]
-    low_ptrs = low_ptr + (tl.minimum(masks, n_masks - 1).to(tl.int64) * stride_m)[:, None]
+    (row_tile, masks, safe_masks, cols, col_ok, x_base, x_o1, x_o2, x_o3, b0, b1, b2, xp0, xp1, xp2, xp3) = (
+        _program_tile(taps_i_ptr, taps_f_ptr, n_masks, n_col_tiles, n_row_tiles, out_h, out_w, MASKS, BLOCK_X)
+    )
+    ok = (masks < n_masks)[:, None] & col_ok[None, :]
+    low_ptrs = low_ptr + (safe_masks.to(tl.int64) * stride_m)[:, None]
     out_ptrs = out_ptr + (masks.to(tl.int64) * out_h * out_w)[:, None]
-    cols = col_tile * BLOCK_X + tl.arange(0, BLOCK_X)
-    col_ok = cols < out_w
-    ok = mask_ok & col_ok[None, :]
-    x_base, x_o1, x_o2, x_o3, b0, b1, b2, xp0, xp1, xp2, xp3 = _load_taps(taps_i_ptr, taps_f_ptr, out_h + cols, col_ok)
-    window_base = tl.zeros((), dtype=tl.int32) - 4  # nothing cached yet
-    win0 = tl.zeros((MASKS, BLOCK_X), dtype=tl.float32)
-    win1 = tl.zeros((MASKS, BLOCK_X), dtype=tl.float32)
-    win2 = tl.zeros((MASKS, BLOCK_X), dtype=tl.float32)
+    window_base, win0, win1, win2 = _empty_window(MASKS, BLOCK_X)
     for row in range(row_tile * ROWS, tl.minimum(row_tile * ROWS + ROWS, out_h)):
         y = row + tl.zeros((), dtype=tl.int32)  # a tensor under the interpreter too
         logits, window_base, win0, win1, win2 = _row_logits(
@@ -216,24 +233,15 @@ def postprocess_mask_stats_kernel(
     down ROWS rows. acc must start at 0 (see STATS_FIELDS for its encoding); the first mask of each
     group adds its gt's area.
     """
-    pid = tl.program_id(0)
-    col_tile = pid % n_col_tiles
-    row_tile = (pid // n_col_tiles) % n_row_tiles
-    masks = (pid // (n_col_tiles * n_row_tiles)) * MASKS + tl.arange(0, MASKS)
+    (row_tile, masks, safe_masks, cols, col_ok, x_base, x_o1, x_o2, x_o3, b0, b1, b2, xp0, xp1, xp2, xp3) = (
+        _program_tile(taps_i_ptr, taps_f_ptr, n_masks, n_col_tiles, n_row_tiles, out_h, out_w, MASKS, BLOCK_X)
+    )
     masks_ok = masks < n_masks
-    mask_ok = masks_ok[:, None]
-    safe_masks = tl.minimum(masks, n_masks - 1)
+    ok = masks_ok[:, None] & col_ok[None, :]
     low_ptrs = low_ptr + (safe_masks.to(tl.int64) * stride_m)[:, None]
     images = safe_masks // group
     gt_ptrs = gt_ptr + (images.to(tl.int64) * gt_stride_b)[:, None]
-    cols = col_tile * BLOCK_X + tl.arange(0, BLOCK_X)
-    col_ok = cols < out_w
-    ok = mask_ok & col_ok[None, :]
-    x_base, x_o1, x_o2, x_o3, b0, b1, b2, xp0, xp1, xp2, xp3 = _load_taps(taps_i_ptr, taps_f_ptr, out_h + cols, col_ok)
-    window_base = tl.zeros((), dtype=tl.int32) - 4  # nothing cached yet
-    win0 = tl.zeros((MASKS, BLOCK_X), dtype=tl.float32)
-    win1 = tl.zeros((MASKS, BLOCK_X), dtype=tl.float32)
-    win2 = tl.zeros((MASKS, BLOCK_X), dtype=tl.float32)
+    window_base, win0, win1, win2 = _empty_window(MASKS, BLOCK_X)
     inter = tl.zeros((MASKS, BLOCK_X), dtype=tl.int32)  # per mask and column
     area = tl.zeros((MASKS, BLOCK_X), dtype=tl.int32)
     gt_area = tl.zeros((MASKS, BLOCK_X), dtype=tl.int32)

@@ -227,6 +227,23 @@ def test_triton_gpu_tiling_under_interpreter(rng, monkeypatch, case):
     assert_stats_match(low, gt, input_size, original_size, 0.0, image_size, "triton")
 
 
+@pytest.mark.skipif(
+    torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"),
+    reason="torch's CPU kernel fuses multiply-adds only in its AVX2/AVX-512 builds",
+)
+def test_cpp_equals_torch_cpu_bit_for_bit(rng):
+    """The C++ kernel sums in torch's order with FMAs like torch's vectorised CPU builds: where torch
+    runs its generic kernel (out_h + out_w > 128 for both resizes) the values are identical."""
+    from lens_fast._backend import native
+
+    if not native().cpu_has_avx2():
+        pytest.skip("no AVX2/FMA here: the C++ kernel uses plain multiply-adds")
+    low = logits(rng, (2, 3, 32, 32))
+    input_size = resize_longest_side(97, 53, 128)
+    ref = sam_reference(low, input_size, (97, 53), 128)
+    assert torch.equal(postprocess_masks(low, input_size, (97, 53), image_size=128, backend="cpu"), ref)
+
+
 def test_default_backend_on_cpu_is_cpp(rng):
     low = logits(rng, (1, 2, 8, 8))
     assert torch.equal(
