@@ -80,44 +80,38 @@ struct Params {
   KeyRange keys;
 };
 
-struct ByteScalar {
-  static constexpr int64_t kSize = 1;
-  explicit ByteScalar(const Params&) {}
+// Portable: bit i = Derived::foreground(element i), elements read with memcpy (any alignment).
+template <class Derived, class T>
+struct ScalarWord {
+  static constexpr int64_t kSize = sizeof(T);
   uint64_t operator()(const char* p) const {
     uint64_t word = 0;
-    for (int i = 0; i < kWordBits; ++i) word |= static_cast<uint64_t>(p[i] != 0) << i;
+    for (int i = 0; i < kWordBits; ++i) {
+      T x;
+      std::memcpy(&x, p + sizeof(T) * i, sizeof(T));
+      word |= static_cast<uint64_t>(static_cast<const Derived*>(this)->foreground(x)) << i;
+    }
     return word;
   }
 };
 
-struct Float32Scalar {
-  static constexpr int64_t kSize = 4;
+struct ByteScalar : ScalarWord<ByteScalar, uint8_t> {
+  explicit ByteScalar(const Params&) {}
+  bool foreground(uint8_t x) const { return x != 0; }
+};
+
+struct Float32Scalar : ScalarWord<Float32Scalar, float> {
   float threshold;
   explicit Float32Scalar(const Params& p) : threshold(p.threshold) {}
-  uint64_t operator()(const char* p) const {
-    uint64_t word = 0;
-    for (int i = 0; i < kWordBits; ++i) {
-      float x;
-      std::memcpy(&x, p + 4 * i, 4);
-      word |= static_cast<uint64_t>(x > threshold) << i;
-    }
-    return word;
-  }
+  bool foreground(float x) const { return x > threshold; }
 };
 
-struct Key16Scalar {
-  static constexpr int64_t kSize = 2;
+struct Key16Scalar : ScalarWord<Key16Scalar, uint16_t> {
   KeyRange keys;
   explicit Key16Scalar(const Params& p) : keys(p.keys) {}
-  uint64_t operator()(const char* p) const {
-    uint64_t word = 0;
-    for (int i = 0; i < kWordBits; ++i) {
-      uint16_t bits;
-      std::memcpy(&bits, p + 2 * i, 2);
-      const int16_t key = half_key(bits);
-      word |= static_cast<uint64_t>(key >= keys.lo && key <= keys.hi) << i;
-    }
-    return word;
+  bool foreground(uint16_t bits) const {
+    const int16_t key = half_key(bits);
+    return key >= keys.lo && key <= keys.hi;
   }
 };
 

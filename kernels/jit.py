@@ -13,13 +13,22 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import torch
-import triton.language as tl
-from triton.runtime.interpreter import InterpretedFunction
+from triton.runtime.interpreter import InterpretedFunction, _patch_lang
 from triton.runtime.jit import JITFunction
 
 
 def _on_cuda(args: tuple, kwargs: dict) -> bool:
     return any(isinstance(a, torch.Tensor) and a.is_cuda for a in (*args, *kwargs.values()))
+
+
+def _call_device_function(helper: InterpretedFunction, args: tuple, kwargs: dict) -> Any:
+    """Run ``helper`` inside an interpreted kernel, with ``triton.language`` patched for it only while it
+    runs (``InterpretedFunction.__call__`` leaves it patched, which breaks later GPU compilation)."""
+    scope = _patch_lang(helper.fn)
+    try:
+        return helper.rewrite()(*args, **kwargs)
+    finally:
+        scope.restore()
 
 
 _interpreted_library: dict = {}
@@ -32,24 +41,7 @@ def _call_library_interpreted(self: JITFunction, *args: Any, **kwargs: Any) -> A
     helper = _interpreted_library.get(self.fn)
     if helper is None:
         helper = _interpreted_library[self.fn] = InterpretedFunction(self.fn)
-    return helper(*args, **kwargs)
-
-
-# Namespaces the interpreter patches with interpreted builtins. It restores those it patched for the
-# kernel itself, but not those patched when a nested library function (whose module sees tl.core)
-# runs: without the snapshot below, a later GPU compilation in the same process would see them.
-_LANGUAGE_NAMESPACES = (tl, tl.core, tl.math, tl.standard, tl.core.tensor, tl.core.dtype)
-
-
-def _snapshot_language() -> list:
-    return [(space, dict(vars(space))) for space in _LANGUAGE_NAMESPACES]
-
-
-def _restore_language(snapshot: list) -> None:
-    for space, attrs in snapshot:  # names the interpreter added (its own globals) stay
-        for name, value in attrs.items():
-            if vars(space).get(name) is not value:
-                setattr(space, name, value)
+    return _call_device_function(helper, args, kwargs)
 
 
 class DualJITFunction(JITFunction):
@@ -62,19 +54,17 @@ class DualJITFunction(JITFunction):
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         # Only reached when a kernel running under the interpreter calls this function as a helper;
         # compiled kernels inline helpers and never call them from Python.
-        return self._interpreted(*args, **kwargs)
+        return _call_device_function(self._interpreted, args, kwargs)
 
     def run(self, *args: Any, grid: Any, warmup: bool, **kwargs: Any) -> Any:
         if _on_cuda(args, kwargs):
             return super().run(*args, grid=grid, warmup=warmup, **kwargs)
         library_call = JITFunction.__call__
-        language = _snapshot_language()
         JITFunction.__call__ = _call_library_interpreted
         try:
             return self._interpreted.run(*args, grid=grid, warmup=warmup, **kwargs)
         finally:
             JITFunction.__call__ = library_call
-            _restore_language(language)
 
 
 def jit(fn: Callable | None = None, **kwargs: Any) -> Any:

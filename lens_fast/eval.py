@@ -96,13 +96,10 @@ def parse_mask(entry: Mapping, height: int, width: int) -> np.ndarray:
     if not isinstance(counts, (str, bytes, list)):
         raise ValueError(f'"segmentation" counts must be a string (or a list of run lengths), got {type(counts).__name__}')
     try:
-        encoded = rle.frPyObjects(segmentation, height, width) if isinstance(counts, list) else segmentation
-        mask = rle.decode(encoded)
-    except (ValueError, TypeError, OverflowError, RuntimeError) as error:
+        mask = rle.decode_masks([segmentation])[0]
+    except (ValueError, TypeError) as error:
         raise ValueError(f"segmentation does not decode: {error}") from None
-    if mask.shape != (height, width):
-        raise ValueError(f"segmentation decodes to {mask.shape}, expected {(height, width)}")
-    return np.ascontiguousarray(mask, dtype=bool)
+    return mask.view(torch.bool).numpy()
 
 
 def parse_box(entry: Mapping) -> Optional[np.ndarray]:
@@ -121,7 +118,7 @@ def parse_box(entry: Mapping) -> Optional[np.ndarray]:
 
 def encode_prediction(sent_id: int, mask: np.ndarray, text: Optional[str] = None) -> dict:
     """A predictions-file entry for a bool [H, W] mask: COCO RLE (str counts) and its xyxy box."""
-    encoded = rle.encode(np.asfortranarray(mask, dtype=np.uint8))
+    encoded = rle.encode_masks(mask[None])[0]
     counts = encoded["counts"]
     entry = {
         "sent_id": int(sent_id),
@@ -331,7 +328,8 @@ def _table(metrics: Mapping[str, object], run: Mapping[str, object], id_counts: 
         rows.append(("unknown ids", f"{id_counts['unknown']}  (ignored)"))
     if id_counts["beyond_limit"]:
         rows.append(("beyond --limit", f"{id_counts['beyond_limit']}  (ignored)"))
-    rows.append(("empty union", f"{metrics['empty_union_iou']:.0f}  ({EMPTY_UNION_POLICIES[metrics['empty_union_iou']]})"))
+    policy = metrics["empty_union_iou"]
+    rows.append(("empty-union IoU", f"{policy:.0f}  ({EMPTY_UNION_POLICIES[policy]})"))
     width = max(len(k) for k, _ in rows)
     lines = [f"lens_fast.eval: {name} {run['split']}, {source}", f"{'metric'.ljust(width)}  value", f"{'-' * width}  -----"]
     lines += [f"{k.ljust(width)}  {v}" for k, v in rows]

@@ -18,7 +18,7 @@ import torch
 from lens_fast._backend import as_tensor
 from lens_fast.ops import MaskStats, box_iou_aligned
 
-EMPTY_UNION_POLICIES = {1.0: "LISA (empty union = 1.0)", 0.0: "Seg-Zero (empty union = 0.0)"}
+EMPTY_UNION_POLICIES = {1.0: "LISA", 0.0: "Seg-Zero"}  # per-sample IoU of an empty union -> convention
 
 
 def _check_policy(empty_union_iou: object) -> float:

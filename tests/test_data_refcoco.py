@@ -11,6 +11,9 @@ from lens_fast.data import ImageLoadError, RefSample, collate_samples
 from lens_fast.data.refcoco import RefCocoDataset, annotation_mask, default_image_root, load_refs
 
 
+# pycocotools, the reference here, trips a numpy 2 deprecation inside its own decode.
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+
 @pytest.fixture
 def root(tmp_path):
     return build_refcoco_fixture(tmp_path)

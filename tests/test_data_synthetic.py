@@ -135,6 +135,18 @@ def test_every_expression_picks_out_exactly_its_target(val_scenes):
     assert all(count >= 0.08 * len(val_scenes) for count in kinds.values()), kinds
 
 
+def test_expression_kinds_can_be_restricted():
+    config = SyntheticConfig(kinds=("attribute", "size"))
+    ds = SyntheticRefDataset("train", size=40, seed=1, config=config)
+    scenes = [ds.scene(i) for i in range(40)]
+    assert {s.kind for s in scenes} == {"attribute", "size"}
+    for scene in scenes:
+        assert set(scene.candidates) == {"attribute", "size"}
+        assert _resolve(scene.expression, scene.objects)[1] == [scene.target]
+    with pytest.raises(ValueError, match="kinds must be distinct names from"):
+        SyntheticConfig(kinds=("colour",))
+
+
 def test_masks_boxes_and_pixels_agree(val, val_scenes):
     seen_shapes, seen_counts = set(), set()
     for i, scene in enumerate(val_scenes):

@@ -3,10 +3,14 @@ from __future__ import annotations
 
 import functools
 import importlib
+import math
 
 import numpy as np
 import pytest
 import torch
+import triton
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import lens_fast
 from lens_fast import ops
@@ -174,6 +178,14 @@ def test_zero_sized(backend, shape):
     assert iou.shape == shape[:2] and iou.dtype == torch.float32
 
 
+def test_threshold_types(rng, backend):
+    pred = random_pred(rng, (2, 3, 6, 7), torch.float32)
+    gt = random_gt(rng, (2, 6, 7))
+    for threshold, as_float in [(np.float32(0.3), 0.3), (np.float64(-0.2), -0.2), (1, 1.0), (10**400, math.inf)]:
+        assert_stats(ops.mask_stats(pred, gt, threshold=threshold, backend=backend), pred, gt, as_float)
+    assert torch.equal(ops.mask_iou(pred, gt, empty=np.float32(0.5), backend=backend), ops.mask_iou(pred, gt, empty=0.5))
+
+
 def test_numpy_inputs(rng, backend):
     pred = rng.random((2, 3, 7, 5)) < 0.5
     gt = (rng.random((2, 7, 5)) < 0.5).astype(np.uint8)
@@ -250,6 +262,60 @@ def test_triton_gpu_tiling_under_interpreter(rng, dtype):
     check(pred, random_gt(rng, (1, 13, 70), torch.uint8), small)
 
 
+@settings(max_examples=60, deadline=None)
+@given(
+    data=st.data(),
+    dtype=st.sampled_from(DTYPES),
+    shape=st.tuples(st.integers(1, 3), st.integers(1, 5), st.integers(1, 20), st.integers(1, 150)),
+    threshold=st.floats(-3, 3, width=32),
+)
+def test_cpu_kernel_on_random_layouts(data, dtype, shape, threshold):
+    """The C++ kernel, both paths, on drawn shapes, slices and thresholds, against numpy."""
+    seed = data.draw(st.integers(0, 2**32 - 1), label="seed")
+    rng = np.random.default_rng(seed)
+    b, g, h, w = shape
+    pred = random_pred(rng, (b, g, h + 2, w + 3), dtype)
+    gt = random_gt(rng, (b, h + 2, w + 3))
+    top, left = data.draw(st.integers(0, 2)), data.draw(st.integers(0, 3))
+    pred, gt = pred[..., top : top + h, left : left + w], gt[..., top : top + h, left : left + w]
+    if data.draw(st.booleans(), label="transpose"):
+        pred, gt = pred.transpose(-1, -2), gt.transpose(-1, -2)
+    if dtype not in FLOATS:
+        threshold = 0.0
+    for use_avx2 in (True, False):
+        stats = mask_stats_module.mask_stats_cpu(pred, gt, float(np.float32(threshold)), use_avx2=use_avx2)
+        assert_stats(stats, pred.contiguous(), gt.contiguous(), threshold)
+
+
+@pytest.mark.skipif(not triton.__version__.startswith("3.8."), reason="triton.compile's signature API of 3.8")
+def test_triton_kernels_compile_for_cuda_without_gpu():
+    """The compiled (not interpreted) path: both kernels build for sm_90, with vector loads."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from lens_fast.kernels import mask_stats as kernel
+
+    launch = kernel.tiling((8, 8, 480, 640), 1, compiled=True)
+    ints = ["groups", "height", "width", "pred_stride_batch", "pred_stride_group", "pred_stride_row",
+            "gt_stride_batch", "gt_stride_row"]  # fmt: skip
+    for kind, pointer in [(0, "*u8"), (1, "*fp32"), (2, "*i16")]:
+        signature = {"pred_ptr": pointer, "gt_ptr": "*u8", "partial_ptr": "*i32", "gt_partial_ptr": "*i32",
+                     **{name: "i32" for name in ints}, "threshold": "fp32", "n_masks": "i32", "n_tiles": "i32"}  # fmt: skip
+        constexprs = {"PRED_KIND": kind, "GROUP_BLOCK": launch.group_block, "BLOCK_H": launch.block_h,
+                      "BLOCK_W": launch.block_w, "ROW_STEPS": launch.row_steps}  # fmt: skip
+        signature.update({name: "constexpr" for name in constexprs})
+        aligned = {(i,): [["tt.divisibility", 16]] for i in range(12)}  # as Triton specialises 480 x 640
+        compiled = triton.compile(
+            ASTSource(kernel._mask_stats_tiles, signature, constexprs, aligned), target=GPUTarget("cuda", 90, 32)
+        )
+        assert "ld.global.v4.b32" in compiled.asm["ptx"]
+    signature = {"partial_ptr": "*i32", "gt_partial_ptr": "*i32", **{f"{n}_ptr": "*i64" for n in
+                 ("intersection", "union", "pred_area", "gt_area")}, "pred_box_ptr": "*fp32", "groups": "i32",
+                 "n_masks": "i32", "n_tiles": "i32", "MASK_BLOCK": "constexpr", "TILE_BLOCK": "constexpr"}  # fmt: skip
+    constexprs = {"MASK_BLOCK": launch.mask_block, "TILE_BLOCK": launch.tile_block}
+    triton.compile(ASTSource(kernel._mask_stats_finish, signature, constexprs), target=GPUTarget("cuda", 90, 32))
+
+
 def test_bad_inputs():
     pred = torch.zeros(2, 3, 4, 5)
     gt = torch.zeros(2, 4, 5, dtype=torch.bool)
@@ -281,6 +347,8 @@ def test_bad_inputs():
         ops.mask_stats(pred, gt, threshold=True)
     with pytest.raises(ValueError, match="threshold=0.5 applies to float logits only; pred is torch.uint8"):
         ops.mask_stats(pred.to(torch.uint8), gt, threshold=0.5)
+    with pytest.raises(ValueError, match="threshold=inf applies to float logits only"):
+        ops.mask_stats(pred.to(torch.uint8), gt, threshold=10**400)
     with pytest.raises(ValueError, match="backend must be one of"):
         ops.mask_stats(pred, gt, backend="cuda")
     with pytest.raises(TypeError, match="empty must be a real number"):

@@ -5,6 +5,7 @@ import torch
 
 from lens_fast import ops
 from lens_fast.metrics import ReferringMetrics, sample_iou
+from lens_fast.ops.postprocess_masks import postprocess_mask_stats, postprocess_masks
 
 
 def _stats(intersection, union):
@@ -104,3 +105,18 @@ def test_bad_inputs_are_named():
         ReferringMetrics().add_failed(-1)
     with pytest.raises(ValueError, match="present must be bool"):
         ReferringMetrics().update_boxes(torch.zeros(2, 4), torch.zeros(2, 4), present=torch.ones(3, dtype=torch.bool))
+
+
+def test_fed_by_postprocess_mask_stats_on_sam_logits(rng):
+    """The model path: SAM low-res logits -> fused upsample + stats -> metrics, masks never written."""
+    b, g, (h, w), original = 3, 2, (16, 16), (21, 15)
+    low_res = torch.from_numpy(rng.normal(size=(b, g, h, w)).astype(np.float32))
+    gt = torch.from_numpy(rng.random((b, *original)) < 0.4)
+    m = ReferringMetrics()
+    m.update(postprocess_mask_stats(low_res, gt, input_size=(32, 23), original_size=original, image_size=32))
+    pred = postprocess_masks(low_res, (32, 23), original, threshold=0.0, image_size=32).numpy()
+    inter = (pred & gt.numpy()[:, None]).sum(axis=(2, 3)).ravel()
+    union = (pred | gt.numpy()[:, None]).sum(axis=(2, 3)).ravel()
+    r = m.compute()
+    assert r["cIoU"] == pytest.approx(inter.sum() / union.sum(), rel=1e-12)
+    assert r["gIoU"] == pytest.approx(np.mean(inter / union), rel=1e-12)

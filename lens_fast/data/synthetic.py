@@ -9,7 +9,7 @@ saturated objects (``SHAPES`` x ``COLOURS``), later objects occluding earlier on
 ``min_visible`` of its area). Masks are the exact visible pixels; boxes are xyxy pixel edges.
 
 The expression picks out exactly one object. It is one of four kinds, drawn uniformly among the kinds
-that can describe the target:
+that can describe the target (``SyntheticConfig.kinds`` restricts them, e.g. for an easy start):
 
 - attribute: "the red circle", "the star", "the blue object" (the only object with those attributes);
 - size: "the biggest square", "the smallest red object" (visible area, at least ``SIZE_RATIO`` apart);
@@ -67,8 +67,11 @@ class SyntheticConfig:
     max_radius: float = 0.22
     min_visible: float = 0.6  # fraction of an object's own area left visible under occluders
     pixel_noise: float = 3.0  # std of the Gaussian brightness noise added to every pixel
+    kinds: Tuple[str, ...] = KINDS  # expression kinds to draw from (e.g. ("attribute",) for an easy start)
 
     def __post_init__(self) -> None:
+        if not self.kinds or not set(self.kinds) <= set(KINDS) or len(set(self.kinds)) != len(self.kinds):
+            raise ValueError(f"kinds must be distinct names from {KINDS}, got {self.kinds!r}")
         if not (16 <= self.min_side <= self.max_side):
             raise ValueError(f"need 16 <= min_side <= max_side, got {self.min_side}, {self.max_side}")
         if self.max_aspect < 1.0:
@@ -108,7 +111,8 @@ class SceneObject:
 
 @dataclass
 class Scene:
-    """A generated image, its objects (drawing order), the referent's index, expression and kind."""
+    """A generated image, its objects (drawing order), the referent's index, expression and kind, and
+    ``candidates``: every expression of the configured kinds that picks out the referent."""
 
     image: np.ndarray
     objects: List[SceneObject]
@@ -310,13 +314,16 @@ def generate_scene(rng: np.random.Generator, config: SyntheticConfig = Synthetic
             )
             for shape, colour, full, visible in placed
         ]
-        descriptions = [describe(objects, i) for i in range(len(objects))]
+        descriptions = [
+            {kind: options for kind, options in describe(objects, i).items() if kind in config.kinds}
+            for i in range(len(objects))
+        ]
         describable = [i for i, d in enumerate(descriptions) if any(d.values())]
         if not describable:
             continue
         image = _render(rng, config, height, width, placed)
         target = describable[rng.integers(len(describable))]
-        kinds = [kind for kind in KINDS if descriptions[target][kind]]
+        kinds = [kind for kind in config.kinds if descriptions[target][kind]]
         kind = kinds[rng.integers(len(kinds))]
         options = descriptions[target][kind]
         expression = options[rng.integers(len(options))]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 from typing import NamedTuple, Optional
 
 import torch
@@ -71,10 +72,19 @@ def foreground(pred: torch.Tensor, threshold: float) -> torch.Tensor:
     return pred != 0
 
 
+def _real(name: str, value: object) -> float:
+    """``value`` as a Python float (ints beyond the float range become +-inf); TypeError otherwise."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf if value > 0 else -math.inf
+
+
 def _check_threshold(threshold: object, pred_dtype: torch.dtype) -> float:
     """``threshold`` rounded to float32 (the precision every backend compares in)."""
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
-        raise TypeError(f"threshold must be a real number, got {type(threshold).__name__}")
+    threshold = _real("threshold", threshold)
     if math.isnan(threshold):
         raise ValueError("threshold must not be NaN")
     if pred_dtype not in FLOAT_DTYPES and threshold != 0:
@@ -82,7 +92,7 @@ def _check_threshold(threshold: object, pred_dtype: torch.dtype) -> float:
             f"threshold={threshold} applies to float logits only; pred is {pred_dtype} "
             "(nonzero = foreground): threshold the masks first or pass logits"
         )
-    return torch.tensor(float(threshold), dtype=torch.float64).to(torch.float32).item()
+    return torch.tensor(threshold, dtype=torch.float64).to(torch.float32).item()
 
 
 def _check_inputs(pred: object, gt: object) -> tuple[torch.Tensor, torch.Tensor]:
@@ -200,8 +210,7 @@ def mask_iou(
 
     Arguments as :func:`mask_stats`; a pair whose union is empty scores ``empty``.
     """
-    if isinstance(empty, bool) or not isinstance(empty, (int, float)):
-        raise TypeError(f"empty must be a real number, got {type(empty).__name__}")
+    empty = _real("empty", empty)
     stats = mask_stats(pred, gt, threshold=threshold, backend=backend)
     ratio = stats.intersection.double() / stats.union.clamp(min=1).double()
-    return torch.where(stats.union > 0, ratio, float(empty)).float()
+    return torch.where(stats.union > 0, ratio, empty).float()

@@ -1,0 +1,42 @@
+"""lens_fast.kernels.jit: kernels on CPU tensors run under Triton's interpreter, library functions included."""
+import torch
+import triton.language as tl
+
+from lens_fast.kernels.jit import jit
+
+
+@jit
+def _scaled(x):
+    return 2.0 * x
+
+
+@jit
+def _library_functions_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + offs, mask=offs < n, other=0.0) + tl.zeros((BLOCK,), dtype=tl.float32)
+    total = tl.sum(x, axis=0)
+    largest = tl.max(x, axis=0)
+    blocks = tl.cdiv(n, 4)
+    tl.store(out_ptr + offs, _scaled(x) + total + largest + blocks + tl.sigmoid(x), mask=offs < n)
+
+
+def test_triton_library_functions_run_under_the_interpreter():
+    x = torch.tensor([1.0, -2.0, 3.5, 0.25, 5.0])
+    out = torch.empty_like(x)
+    _library_functions_kernel[(1,)](x, out, 5, BLOCK=8)
+    want = 2 * x + x.sum() + x.max() + 2 + torch.sigmoid(x)
+    torch.testing.assert_close(out, want)
+
+
+def test_interpreting_leaves_triton_language_unpatched():
+    """After an interpreted launch (helpers included) a kernel still compiles for a GPU target."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    x = torch.ones(4)
+    _library_functions_kernel[(1,)](x, torch.empty_like(x), 4, BLOCK=4)
+    kernel = _library_functions_kernel
+    signature = {"x_ptr": "*fp32", "out_ptr": "*fp32", "n": "i32", "BLOCK": "constexpr"}
+    source = ASTSource(fn=kernel, signature=signature, constexprs={(kernel.arg_names.index("BLOCK"),): 8})
+    assert triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm["ptx"]
