@@ -85,27 +85,28 @@ struct Geometry {
 struct Plan {
   Taps rows2, cols2;  // output -> intermediate (second resize)
   Taps rows1;         // intermediate rows -> low-res rows (first resize)
-  // The K intermediate columns the second resize reads, with their first-resize taps.
-  std::vector<int64_t> col_lo0, col_lo1;
+  // The K intermediate columns the second resize reads: offsets (low-res column * stride_w) and
+  // weights of their first-resize taps.
+  std::vector<int32_t> col_off0, col_off1;
   std::vector<float> col_w0, col_w1;
-  std::vector<int64_t> k0, k1;  // per output column: positions of its intermediate columns in [0, K)
+  std::vector<int32_t> k0, k1;  // per output column: positions of its intermediate columns in [0, K)
   int64_t row_lo = 0, row_hi = 0;  // low-res rows used
 };
 
 template <bool kFma>
-Plan make_plan(const Geometry& g) {
+Plan make_plan(const Geometry& g, int64_t stride_w) {
   Plan plan;
   plan.rows2 = linear_taps<kFma>(g.input_h, g.out_h, g.out_h);
   plan.cols2 = linear_taps<kFma>(g.input_w, g.out_w, g.out_w);
   plan.rows1 = linear_taps<kFma>(g.h, g.image_size, g.input_h);
   const Taps cols1 = linear_taps<kFma>(g.w, g.image_size, g.input_w);
-  std::vector<int64_t> position(g.input_w, -1);
+  std::vector<int32_t> position(g.input_w, -1);
   for (int64_t x = 0; x < g.out_w; ++x) position[plan.cols2.i0[x]] = position[plan.cols2.i1[x]] = 0;
   for (int64_t x = 0; x < g.input_w; ++x) {
     if (position[x] < 0) continue;
-    position[x] = static_cast<int64_t>(plan.col_lo0.size());
-    plan.col_lo0.push_back(cols1.i0[x]);
-    plan.col_lo1.push_back(cols1.i1[x]);
+    position[x] = static_cast<int32_t>(plan.col_off0.size());
+    plan.col_off0.push_back(static_cast<int32_t>(cols1.i0[x] * stride_w));
+    plan.col_off1.push_back(static_cast<int32_t>(cols1.i1[x] * stride_w));
     plan.col_w0.push_back(cols1.w0[x]);
     plan.col_w1.push_back(cols1.w1[x]);
   }
@@ -120,20 +121,22 @@ Plan make_plan(const Geometry& g) {
   return plan;
 }
 
+// dst[i] = src[i0[i]] * w0[i] + src[i1[i]] * w1[i] for i < n, as mul_add<kFma>.
+template <bool kFma>
+inline void gather_blend(const float* src, const int32_t* i0, const int32_t* i1, const float* w0,
+                         const float* w1, float* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = mul_add<kFma>(src[i0[i]], w0[i], src[i1[i]] * w1[i]);
+}
+
 // Streams the output rows of one mask to sink(y, row) in order, row = out_w float32 logits.
 template <bool kFma, typename Sink>
-void mask_rows(const float* low, int64_t stride_h, int64_t stride_w, const Geometry& g, const Plan& plan,
-               Sink&& sink) {
-  const int64_t n_cols = static_cast<int64_t>(plan.col_lo0.size());
+void mask_rows(const float* low, int64_t stride_h, const Geometry& g, const Plan& plan, Sink&& sink) {
+  const int64_t n_cols = static_cast<int64_t>(plan.col_off0.size());
   const int64_t n_rows = plan.row_hi - plan.row_lo + 1;
   std::vector<float> first(n_rows * n_cols);  // first resize along x, per low-res row
   for (int64_t r = 0; r < n_rows; ++r) {
-    const float* src = low + (plan.row_lo + r) * stride_h;
-    float* dst = first.data() + r * n_cols;
-    for (int64_t k = 0; k < n_cols; ++k) {
-      dst[k] = mul_add<kFma>(src[plan.col_lo0[k] * stride_w], plan.col_w0[k],
-                             src[plan.col_lo1[k] * stride_w] * plan.col_w1[k]);
-    }
+    gather_blend<kFma>(low + (plan.row_lo + r) * stride_h, plan.col_off0.data(), plan.col_off1.data(),
+                       plan.col_w0.data(), plan.col_w1.data(), first.data() + r * n_cols, n_cols);
   }
   std::vector<float> inter(n_cols), out(g.out_w);
   std::vector<float> cache[2] = {std::vector<float>(g.out_w), std::vector<float>(g.out_w)};
@@ -149,9 +152,8 @@ void mask_rows(const float* low, int64_t stride_h, int64_t stride_w, const Geome
     const float w0 = plan.rows1.w0[y], w1 = plan.rows1.w1[y];
     for (int64_t k = 0; k < n_cols; ++k) inter[k] = mul_add<kFma>(t0[k], w0, t1[k] * w1);
     float* dst = cache[slot].data();
-    for (int64_t x = 0; x < g.out_w; ++x) {
-      dst[x] = mul_add<kFma>(inter[plan.k0[x]], plan.cols2.w0[x], inter[plan.k1[x]] * plan.cols2.w1[x]);
-    }
+    gather_blend<kFma>(inter.data(), plan.k0.data(), plan.k1.data(), plan.cols2.w0.data(),
+                       plan.cols2.w1.data(), dst, g.out_w);
     cached[slot] = y;
     return dst;
   };
@@ -205,13 +207,15 @@ void masks_one(const MasksArgs& a, const Plan& plan, int64_t m) {
   const int64_t plane = a.g.out_h * a.g.out_w;
   if (a.apply_threshold) {
     uint8_t* out = static_cast<uint8_t*>(a.out) + m * plane;
-    mask_rows<kFma>(low, a.stride_h, a.stride_w, a.g, plan, [&](int64_t y, const float* row) {
-      uint8_t* dst = out + y * a.g.out_w;
-      for (int64_t x = 0; x < a.g.out_w; ++x) dst[x] = row[x] > a.threshold;
+    const float threshold = a.threshold;  // a local: uint8 stores may alias anything
+    const int64_t width = a.g.out_w;
+    mask_rows<kFma>(low, a.stride_h, a.g, plan, [&](int64_t y, const float* row) {
+      uint8_t* dst = out + y * width;
+      for (int64_t x = 0; x < width; ++x) dst[x] = row[x] > threshold;
     });
   } else {
     float* out = static_cast<float*>(a.out) + m * plane;
-    mask_rows<kFma>(low, a.stride_h, a.stride_w, a.g, plan, [&](int64_t y, const float* row) {
+    mask_rows<kFma>(low, a.stride_h, a.g, plan, [&](int64_t y, const float* row) {
       std::copy(row, row + a.g.out_w, out + y * a.g.out_w);
     });
   }
@@ -238,7 +242,7 @@ void stats_one(const StatsArgs& a, const Plan& plan, int64_t m) {
   StatsRow s;
   s.x1 = a.g.out_w;
   s.y1 = a.g.out_h;
-  mask_rows<kFma>(a.low + m * a.stride_m, a.stride_h, a.stride_w, a.g, plan, [&](int64_t y, const float* row) {
+  mask_rows<kFma>(a.low + m * a.stride_m, a.stride_h, a.g, plan, [&](int64_t y, const float* row) {
     accumulate_row(row, truth + y * a.gt_stride_h, a.g.out_w, a.threshold, y, s);
   });
   a.intersection[m] = s.intersection;
@@ -273,7 +277,7 @@ void postprocess_masks(uintptr_t low, int64_t n_masks, int64_t h, int64_t w, int
                     reinterpret_cast<void*>(out), apply_threshold, threshold};
   py::gil_scoped_release release;
   const bool fma = cpu_has_fma();
-  const Plan plan = fma ? make_plan<true>(a.g) : make_plan<false>(a.g);
+  const Plan plan = fma ? make_plan<true>(a.g, stride_w) : make_plan<false>(a.g, stride_w);
   parallel_for(n_masks, num_threads, [&](int64_t m) {
     if (fma) {
       masks_one_fma(a, plan, m);
@@ -297,7 +301,7 @@ void postprocess_mask_stats(uintptr_t low, int64_t n_masks, int64_t h, int64_t w
                     reinterpret_cast<float*>(box)};
   py::gil_scoped_release release;
   const bool fma = cpu_has_fma();
-  const Plan plan = fma ? make_plan<true>(a.g) : make_plan<false>(a.g);
+  const Plan plan = fma ? make_plan<true>(a.g, stride_w) : make_plan<false>(a.g, stride_w);
   // Tasks [0, n_masks) are masks, the next n_images count the gt areas.
   parallel_for(n_masks + n_images, num_threads, [&](int64_t task) {
     if (task >= n_masks) {

@@ -4,6 +4,7 @@ See ``lens_fast._backend`` for the ``backend`` argument.
 """
 from lens_fast.ops.box_iou import box_iou, box_iou_aligned
 from lens_fast.ops.mask_stats import MaskStats, mask_iou, mask_stats
+from lens_fast.ops.postprocess_masks import postprocess_mask_stats, postprocess_masks
 
 __all__ = [
     "MaskStats",
@@ -11,4 +12,6 @@ __all__ = [
     "box_iou_aligned",
     "mask_iou",
     "mask_stats",
+    "postprocess_mask_stats",
+    "postprocess_masks",
 ]

@@ -9,7 +9,11 @@ write the H x W masks. ``input_size`` is ResizeLongestSide's aspect-preserving s
 (``int(x * image_size / max(H, W) + 0.5)``) or the whole square for LENS's squashed input.
 
 Logits may be float32, float16 or bfloat16; every backend computes in float32 (the "torch" reference
-upcasts first), with torch's coordinate arithmetic, so backends agree to float32 rounding.
+upcasts first), with torch's coordinate arithmetic, so backends agree to float32 rounding. The C++
+kernel ("cpu") also sums in torch's order, and equals torch's CPU kernel bit for bit where that runs
+its generic path with FMAs (AVX2/AVX-512 builds, out_h + out_w > 128). The Triton kernel sums in
+another order; it also multiplies a zero weight into one extra low-res row and column at some pixels,
+so NaN/inf logits can spread one low-res pixel further than in torch.
 """
 from __future__ import annotations
 
@@ -89,6 +93,8 @@ def postprocess_masks_torch(
     low_res: torch.Tensor, input_size: Sequence[int], original_size: Sequence[int], image_size: int = 1024
 ) -> torch.Tensor:
     """Reference: ``Sam.postprocess_masks`` on float32 logits [..., h, w] -> float32 [..., H, W]."""
+    if low_res.numel() == 0:
+        return torch.zeros((*low_res.shape[:-2], *original_size), dtype=torch.float32, device=low_res.device)
     x = low_res.float().reshape(1, -1, *low_res.shape[-2:])
     x = F.interpolate(x, (image_size, image_size), mode="bilinear", align_corners=False)
     x = x[..., : input_size[0], : input_size[1]]
@@ -178,8 +184,8 @@ def postprocess_mask_stats(
     masks = _masks_3d(low_res)
     truth = gt.reshape(-1, *original_size)
     truth = truth.view(torch.uint8) if truth.dtype == torch.bool else truth
-    if truth.stride(-1) != 1:
-        truth = truth.contiguous()
+    if truth.stride(-1) != 1 or (original_size[0] - 1) * truth.stride(-2) + original_size[1] >= _INT32_LIMIT:
+        truth = truth.contiguous()  # the kernels read gt rows with int32 offsets
     if backend == "triton":
         from lens_fast.kernels.postprocess_masks import postprocess_mask_stats_triton
 
