@@ -4,8 +4,8 @@
 bilinearly (align_corners=False) to ``image_size`` x ``image_size`` (the encoder input, 1024 for the
 real models), crops the valid ``input_size`` = (input_h, input_w) corner and resizes that bilinearly
 to ``original_size`` = (H, W). Here both resizes run in one pass that reads only the low-res logits:
-nothing of size ``image_size``\\ :sup:`2` is written, and ``postprocess_mask_stats`` does not even
-write the H x W masks. ``input_size`` is ResizeLongestSide's aspect-preserving size
+no ``image_size`` x ``image_size`` intermediate is written, and ``postprocess_mask_stats`` does not
+even write the H x W masks. ``input_size`` is ResizeLongestSide's aspect-preserving size
 (``int(x * image_size / max(H, W) + 0.5)``) or the whole square for LENS's squashed input.
 
 Logits may be float32, float16 or bfloat16; every backend computes in float32 (the "torch" reference
