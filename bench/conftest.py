@@ -4,6 +4,7 @@ Each benchmark sets ``benchmark.group`` and ``benchmark.extra_info``:
 - ``"bytes"``: bytes the op must touch (read once + written once): GB/s is reported from it;
 - ``"reference": True`` on the baseline of its group: every other entry gets a speed-up ratio;
 - ``"memcpy_gbps"``: copy bandwidth of the same bytes (``memcpy_gbps`` fixture) for comparison.
+Fixture ``one_torch_thread`` pins torch to one thread; ``bench_utils`` has ``synced`` and ``cuda_peak_mib``.
 A table of GB/s and ratios is printed at the end of ``pytest bench/ --benchmark-only``.
 """
 from __future__ import annotations
@@ -13,6 +14,7 @@ from collections import defaultdict
 
 import pytest
 import torch
+from bench_utils import synced
 
 
 def _best_seconds(fn, repeat: int = 7) -> float:
@@ -22,6 +24,14 @@ def _best_seconds(fn, repeat: int = 7) -> float:
         fn()
         best = min(best, time.perf_counter() - start)
     return best
+
+
+@pytest.fixture
+def one_torch_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 _memcpy_cache: dict = {}
@@ -36,12 +46,7 @@ def memcpy_gbps():
         if key not in _memcpy_cache:
             src = torch.empty(nbytes, dtype=torch.uint8, device=device).fill_(1)
             dst = torch.empty_like(src)
-            sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-
-            def copy():
-                dst.copy_(src)
-                sync()
-
+            copy = synced(lambda: dst.copy_(src), device)
             copy()
             _memcpy_cache[key] = 2 * nbytes / _best_seconds(copy) / 1e9
         return _memcpy_cache[key]

@@ -16,6 +16,8 @@ from torchmetrics.functional.classification import binary_stat_scores
 import lens_fast
 from lens_fast import ops
 
+from bench_utils import synced
+
 BATCH, GROUPS = 8, 8
 
 
@@ -61,13 +63,6 @@ def torchmetrics_stats(pred: torch.Tensor, gt: torch.Tensor):
     threshold = 0.5  # float preds outside [0, 1] go through a sigmoid: logit > 0
     return binary_stat_scores(preds, target.to(torch.uint8), threshold, multidim_average="samplewise", validate_args=False)
 
-
-@pytest.fixture
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def set_native_threads(n: int):
@@ -122,20 +117,14 @@ def test_mask_stats_cuda(benchmark, memcpy_gbps, dtype, size, impl):
     benchmark.group = f"mask_stats cuda {dtype} {BATCH}x{GROUPS}x{size[0]}x{size[1]}"
     benchmark.extra_info["bytes"] = nbytes(pred, gt)
     benchmark.extra_info["memcpy_gbps"] = memcpy_gbps(nbytes(pred, gt), device="cuda")
-    run = {
+    run = synced({
         "lens_fast_triton": lambda: ops.mask_stats(pred, gt, backend="triton"),
         "torch_backend": lambda: ops.mask_stats(pred, gt, backend="torch"),
         "torch_plain": lambda: plain_torch(pred, gt),
-    }[impl]
+    }[impl], "cuda")
     benchmark.extra_info["reference"] = impl == "torch_backend"
-
-    def synced():
-        out = run()
-        torch.cuda.synchronize()
-        return out
-
-    synced()  # compile / warm up
-    benchmark(synced)
+    run()  # compile / warm up
+    benchmark(run)
     if impl == "lens_fast_triton":
         reference = ops.mask_stats(pred, gt, backend="torch")
         assert all(torch.equal(a, b) for a, b in zip(run(), reference))

@@ -17,6 +17,8 @@ from segment_anything.modeling import MaskDecoder, TwoWayTransformer
 
 from lens_fast.nn import fuse_mask_decoder, mask_decoder_upscaling
 
+from bench_utils import cuda_peak_mib, synced
+
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 MiB = 2**20
 
@@ -92,31 +94,13 @@ def decoder_step(module, inputs: dict):
     return lambda: forward().backward(), forward
 
 
-def with_sync(step, device: str):
-    if device == "cuda":
-        def run():
-            step()
-            torch.cuda.synchronize()
-        return run
-    return step
-
-
-def peak_mib(step) -> float:
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    step()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / MiB
-
-
 def bench(benchmark, group, step, forward, params, reference, device):
     benchmark.group = group
     benchmark.extra_info["reference"] = reference
     benchmark.extra_info["saved_mib"] = round(saved_mib(forward, params), 2)
     if device == "cuda":
-        benchmark.extra_info["peak_mib"] = round(peak_mib(step), 1)
-    benchmark(with_sync(step, device))
+        benchmark.extra_info["peak_mib"] = round(cuda_peak_mib(step), 1)
+    benchmark(synced(step, device))
 
 
 def make_module(dim, device, dtype, backend):
@@ -126,13 +110,6 @@ def make_module(dim, device, dtype, backend):
 
 CPU_CASES = [pytest.param(None, id="segment_anything"), pytest.param("torch", id="fused-torch")]
 
-
-@pytest.fixture
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("backend", CPU_CASES)

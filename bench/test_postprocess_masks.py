@@ -20,6 +20,8 @@ from segment_anything.modeling import Sam
 import lens_fast
 from lens_fast import ops
 
+from bench_utils import cuda_peak_mib, synced
+
 GROUPS, MASKS, LOW_RES, IMAGE_SIZE = 8, 8, 256, 1024
 SIZES = [(480, 640), (1024, 1024)]
 
@@ -73,13 +75,6 @@ def nbytes(low: torch.Tensor, gt: torch.Tensor) -> int:
     return low.numel() * low.element_size() + gt.numel() * gt.element_size()
 
 
-@pytest.fixture
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 CPU_IMPLS = ["lens_fast_cpu_1thread", "lens_fast_cpu_threads", "sam_torch_iou", "sam_then_cpp_mask_stats"]
 
@@ -121,16 +116,6 @@ def test_postprocess_masks_cpu(benchmark, one_torch_thread, impl):
         benchmark.pedantic(ops.postprocess_masks, (low, input_size(size), size, 0.0), {"backend": "cpu"}, rounds=5)
 
 
-def cuda_peak_mib(fn) -> float:
-    """Peak CUDA memory allocated while ``fn`` runs, beyond what was allocated before, in MiB."""
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    start = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - start) / 2**20
-
-
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("impl", ["lens_fast_triton", "sam_torch_iou", "lens_fast_triton_masks"])
 @pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
@@ -139,20 +124,14 @@ def test_postprocess_mask_stats_cuda(benchmark, memcpy_gbps, size, impl):
     benchmark.group = f"postprocess_mask_stats cuda {GROUPS}x{MASKS} low {LOW_RES} -> {size[0]}x{size[1]}"
     benchmark.extra_info["bytes"] = nbytes(low, gt)
     benchmark.extra_info["memcpy_gbps"] = memcpy_gbps(nbytes(low, gt), device="cuda")
-    run = {
+    run = synced({
         "lens_fast_triton": lambda: ops.postprocess_mask_stats(low, gt, input_size(size), size),
         "sam_torch_iou": lambda: sam_then_torch_iou(low, gt, size),
         "lens_fast_triton_masks": lambda: ops.postprocess_masks(low, input_size(size), size, 0.0),
-    }[impl]
+    }[impl], "cuda")
     benchmark.extra_info["reference"] = impl == "sam_torch_iou"
-
-    def synced():
-        out = run()
-        torch.cuda.synchronize()
-        return out
-
-    synced()  # compile / warm up
+    run()  # compile / warm up
     benchmark.extra_info["peak_mib"] = cuda_peak_mib(run)
-    benchmark(synced)
+    benchmark(run)
     if impl == "lens_fast_triton":
         assert_counts_close(run(), low, gt, size)

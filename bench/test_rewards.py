@@ -9,6 +9,8 @@ import torch
 
 from lens_fast.rewards import lens_reward
 
+from bench_utils import synced
+
 PROMPTS, GROUPS, H, W = 8, 8, 480, 640
 _NUM = r"(-?\d+(?:\.\d+)?)"
 _BOX = re.compile(rf"\[\s*{_NUM},\s*{_NUM},\s*{_NUM},\s*{_NUM}\s*\]")
@@ -54,44 +56,23 @@ def make_batch(device):
     return texts, gt_boxes, torch.from_numpy(logits).to(device), torch.from_numpy(gt).to(device)
 
 
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _sync(device):
-    return torch.cuda.synchronize if device == "cuda" else (lambda: None)
-
-
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))]
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("masks", ["fp32_logits", "bool"])
 @pytest.mark.parametrize("path", ["naive_loop", "fused"])
-def test_lens_reward_batch(benchmark, memcpy_gbps, one_thread, device, masks, path):
+def test_lens_reward_batch(benchmark, memcpy_gbps, one_torch_thread, device, masks, path):
     texts, gt_boxes, logits, gt = make_batch(device)
     pred = logits if masks == "fp32_logits" else logits > 0
     benchmark.group = f"lens_reward {PROMPTS}x{GROUPS} {H}x{W} {masks} {device}"
     nbytes = pred.numel() * pred.element_size() + gt.numel() * gt.element_size()
     benchmark.extra_info.update(bytes=nbytes, memcpy_gbps=memcpy_gbps(nbytes, device))
-    sync = _sync(device)
     if path == "naive_loop":
         benchmark.extra_info["reference"] = True
-
-        def run():
-            out = naive_lens_reward(texts, gt_boxes, pred, gt)
-            sync()
-            return out
+        run = synced(lambda: naive_lens_reward(texts, gt_boxes, pred, gt), device)
     else:
-        def run():
-            out = lens_reward(texts, gt_boxes, pred_masks=pred, gt_masks=gt, cot=True).reward
-            sync()
-            return out
-
+        run = synced(lambda: lens_reward(texts, gt_boxes, pred_masks=pred, gt_masks=gt, cot=True).reward, device)
     result = benchmark(run)
     want = naive_lens_reward(texts, gt_boxes, pred, gt)
     torch.testing.assert_close(result.cpu(), want, atol=1e-5, rtol=0)

@@ -1,0 +1,29 @@
+"""Helpers shared by the benchmark files (fixtures live in conftest.py)."""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+
+def synced(fn: Callable[[], Any], device: str | torch.device) -> Callable[[], Any]:
+    """``fn`` followed by a CUDA synchronize when ``device`` is a GPU, so timings cover the work."""
+    if torch.device(device).type != "cuda":
+        return fn
+
+    def run() -> Any:
+        out = fn()
+        torch.cuda.synchronize()
+        return out
+
+    return run
+
+
+def cuda_peak_mib(fn: Callable[[], Any]) -> float:
+    """Peak CUDA memory allocated while ``fn`` runs, beyond what was allocated before, in MiB."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    start = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - start) / 2**20
