@@ -267,8 +267,13 @@ LENS_FAST_TARGET_AVX2 void sweep_rows_avx2(uint8_t* out, uint32_t h, uint32_t w,
   const uint32_t words = (w + 63) / 64;
   uint64_t* bits = bits_buffer.get(words + 1);
   std::memset(bits, 0, sizeof(uint64_t) * (words + 1));
-  for (uint32_t x = 0; x < w; ++x) bits[x / 64] |= uint64_t(out[x]) << (x % 64);
-  const auto* bits32 = reinterpret_cast<const uint32_t*>(bits);
+  auto* bits32 = reinterpret_cast<uint32_t*>(bits);
+  uint32_t x0 = 0;
+  for (; x0 + 32 <= w; x0 += 32) {  // row 0's bytes -> bits, 32 at a time
+    const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(out + x0));
+    bits32[x0 / 32] = ~uint32_t(_mm256_movemask_epi8(_mm256_cmpeq_epi8(bytes, _mm256_setzero_si256())));
+  }
+  for (; x0 < w; ++x0) bits[x0 / 64] |= uint64_t(out[x0]) << (x0 % 64);
   // Byte i of a 32-pixel group takes bit i % 8 of byte i / 8 of the group's 32 bits.
   const __m256i spread = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,  //
                                           2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
