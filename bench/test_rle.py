@@ -167,21 +167,14 @@ def test_iou(benchmark, memcpy_gbps, size, kind, count, peer):
 
 
 @pytest.mark.parametrize("peer", PEERS)
+@pytest.mark.parametrize("op", ["area", "toBbox"])
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("size", SIZES)
-def test_area(benchmark, memcpy_gbps, size, kind, peer):
+def test_area_and_to_bbox(benchmark, memcpy_gbps, size, kind, op, peer):
     rles = rles_of(size, kind)
-    setup(benchmark, memcpy_gbps, f"area {size} {kind}", peer)
-    np.testing.assert_array_equal(benchmark(AREA[peer], rles), coco.area(rles))
-
-
-@pytest.mark.parametrize("peer", PEERS)
-@pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("size", SIZES)
-def test_to_bbox(benchmark, memcpy_gbps, size, kind, peer):
-    rles = rles_of(size, kind)
-    setup(benchmark, memcpy_gbps, f"toBbox {size} {kind}", peer)
-    np.testing.assert_array_equal(np.asarray(benchmark(BBOX[peer], rles)), coco.toBbox(rles))
+    fn, reference = {"area": (AREA[peer], coco.area), "toBbox": (BBOX[peer], coco.toBbox)}[op]
+    setup(benchmark, memcpy_gbps, f"{op} {size} {kind}", peer)
+    np.testing.assert_array_equal(np.asarray(benchmark(fn, rles)), reference(rles))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

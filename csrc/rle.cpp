@@ -2,6 +2,7 @@
 #include "rle.h"
 
 #include <algorithm>
+#include <atomic>
 #include <climits>
 #include <cmath>
 #include <cstring>
@@ -11,10 +12,21 @@
 #include "cpu_features.h"
 #include "parallel.h"
 
+// The AVX2 variant of a function where the CPU has AVX2 (and set_simd_enabled allows it), else the
+// portable one.
+#if LENS_FAST_X86
+#define LENS_FAST_DISPATCH(avx2, portable) \
+  (g_simd_enabled.load(std::memory_order_relaxed) && cpu_has_avx2() ? (avx2) : (portable))
+#else
+#define LENS_FAST_DISPATCH(avx2, portable) (portable)
+#endif
+
 namespace lens_fast {
 namespace rle {
 
 namespace {
+
+std::atomic<bool> g_simd_enabled{true};
 
 [[noreturn]] void fail(const std::string& message) { throw std::invalid_argument(message); }
 
@@ -91,18 +103,9 @@ LENS_FAST_TARGET_AVX2 bool scan_column_avx2(const uint8_t* col, uint32_t len, ui
 }
 #endif
 
-using ScanColumn = bool (*)(const uint8_t*, uint32_t, uint32_t, bool, CountWriter&);
-
-ScanColumn pick_scan_column() {
-#if LENS_FAST_X86
-  if (cpu_has_avx2()) return scan_column_avx2;
-#endif
-  return scan_column_scalar;
-}
-
 // Masks whose columns are contiguous (stride_h == 1): each column scanned in turn.
 size_t encode_columns(const uint8_t* mask, uint32_t h, uint32_t w, int64_t stride_w, uint32_t* counts) {
-  const ScanColumn scan = pick_scan_column();
+  const auto scan = LENS_FAST_DISPATCH(scan_column_avx2, scan_column_scalar);
   CountWriter out{counts};
   const uint32_t pixels = h * w;
   if (w == 1 || stride_w == int64_t(h)) {  // one contiguous column-major block
@@ -145,16 +148,6 @@ LENS_FAST_TARGET_AVX2 size_t diff_rows_avx2(const uint8_t* cur, const uint8_t* a
 }
 #endif
 
-using DiffRows = size_t (*)(const uint8_t*, const uint8_t*, uint32_t, uint32_t, uint32_t*, size_t,
-                            uint32_t*);
-
-DiffRows pick_diff_rows() {
-#if LENS_FAST_X86
-  if (cpu_has_avx2()) return diff_rows_avx2;
-#endif
-  return diff_rows_scalar;
-}
-
 // Masks whose rows are contiguous (stride_w == 1). One pass compares each row with the row above
 // and records where runs start (row by row); a counting sort by column then puts the starts in
 // column-major order, and their differences are the counts.
@@ -177,7 +170,7 @@ size_t encode_rows(const uint8_t* mask, uint32_t h, uint32_t w, int64_t stride_h
     previous = last_row[x] != 0;
   }
   row_end[0] = uint32_t(n_events);
-  const DiffRows diff = pick_diff_rows();
+  const auto diff = LENS_FAST_DISPATCH(diff_rows_avx2, diff_rows_scalar);
   for (uint32_t y = 1; y < h; ++y) {
     const uint8_t* row = mask + int64_t(y) * stride_h;
     n_events = diff(row, row - stride_h, 0, w, events, n_events, per_column);
@@ -303,16 +296,6 @@ LENS_FAST_TARGET_AVX2 void sweep_rows_avx2(uint8_t* out, uint32_t h, uint32_t w,
   _mm_sfence();
 }
 #endif
-
-using SweepRows = void (*)(uint8_t*, uint32_t, uint32_t, const uint32_t*, const uint32_t*,
-                           const uint32_t*);
-
-SweepRows pick_sweep_rows() {
-#if LENS_FAST_X86
-  if (cpu_has_avx2()) return sweep_rows_avx2;
-#endif
-  return sweep_rows_scalar;
-}
 
 // ---- transpose (column-major h x w -> row-major h x w)
 
@@ -612,6 +595,8 @@ constexpr uint32_t kShortRunsPerPixel = 24;
 
 }  // namespace
 
+void set_simd_enabled(bool enabled) { g_simd_enabled.store(enabled); }
+
 void check_size(int64_t h, int64_t w, const std::string& what) {
   if (h < 0 || w < 0 || (h > 0 && w > int64_t(UINT32_MAX) / h)) {
     fail(what + " must be non-negative with h * w < 2^32, got h=" + std::to_string(h) +
@@ -742,7 +727,8 @@ void decode_row_major(const RleView& rle, uint8_t* out) {
   for (size_t e = 0; e < n_events; ++e) starts_by_row[per_row[events[2 * e]]++] = events[2 * e + 1];
   // Rows y > 0: row y - 1 with the columns where a run starts flipped.
   // per_row[y] is now the end of row y's starts, row_next[y] = per_row[y - 1] its beginning.
-  pick_sweep_rows()(out, h, w, row_next, per_row, starts_by_row);
+  const auto sweep_rows = LENS_FAST_DISPATCH(sweep_rows_avx2, sweep_rows_scalar);
+  sweep_rows(out, h, w, row_next, per_row, starts_by_row);
 }
 
 // ---- measures
