@@ -87,18 +87,18 @@ LENS_FAST_TARGET_AVX2 inline uint64_t differ64(const uint8_t* a, const uint8_t* 
 LENS_FAST_TARGET_AVX2 bool scan_column_avx2(const uint8_t* col, uint32_t len, uint32_t base,
                                            bool previous, CountWriter& out) {
   if (len == 0) return previous;
-  CountWriter w = out;
-  if ((col[0] != 0) != previous) w.start(base);
+  CountWriter writer = out;  // a local copy stays in registers
+  if ((col[0] != 0) != previous) writer.start(base);
   uint32_t i = 1;
   for (; i + 64 <= len; i += 64) {
     for (uint64_t bits = differ64(col + i, col + i - 1); bits; bits = _blsr_u64(bits)) {
-      w.start(base + i + uint32_t(_tzcnt_u64(bits)));
+      writer.start(base + i + uint32_t(_tzcnt_u64(bits)));
     }
   }
   for (; i < len; ++i) {
-    if ((col[i] != 0) != (col[i - 1] != 0)) w.start(base + i);
+    if ((col[i] != 0) != (col[i - 1] != 0)) writer.start(base + i);
   }
-  out = w;
+  out = writer;
   return col[len - 1] != 0;
 }
 #endif
@@ -251,6 +251,15 @@ void sweep_rows_scalar(uint8_t* out, uint32_t h, uint32_t w, const uint32_t* beg
 }
 
 #if LENS_FAST_X86
+// Bytes (0/1) of the 32 pixels whose bits are `bits`: byte i takes bit i % 8 of byte i / 8.
+LENS_FAST_TARGET_AVX2 inline __m256i expand_bits(uint32_t bits) {
+  const __m256i spread = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,  //
+                                          2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
+  const __m256i bit = _mm256_set1_epi64x(int64_t(0x8040201008040201));
+  const __m256i group = _mm256_shuffle_epi8(_mm256_set1_epi32(int32_t(bits)), spread);
+  return _mm256_min_epu8(_mm256_and_si256(group, bit), _mm256_set1_epi8(1));
+}
+
 // The row lives in a bitset (a flip is one 64-bit xor) and is expanded to bytes 32 at a time, so
 // no vector load ever reads a byte just stored (which stalls store forwarding).
 LENS_FAST_TARGET_AVX2 void sweep_rows_avx2(uint8_t* out, uint32_t h, uint32_t w,
@@ -267,11 +276,6 @@ LENS_FAST_TARGET_AVX2 void sweep_rows_avx2(uint8_t* out, uint32_t h, uint32_t w,
     bits32[x0 / 32] = ~uint32_t(_mm256_movemask_epi8(_mm256_cmpeq_epi8(bytes, _mm256_setzero_si256())));
   }
   for (; x0 < w; ++x0) bits[x0 / 64] |= uint64_t(out[x0]) << (x0 % 64);
-  // Byte i of a 32-pixel group takes bit i % 8 of byte i / 8 of the group's 32 bits.
-  const __m256i spread = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,  //
-                                          2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
-  const __m256i bit = _mm256_set1_epi64x(int64_t(0x8040201008040201));
-  const __m256i one = _mm256_set1_epi8(1);
   // Large masks are written around the caches (non-temporal stores): no read for ownership of
   // lines about to be overwritten, and the caches are left to whoever reads the mask next.
   const bool stream = size_t(h) * w >= kStreamPixels;
@@ -281,15 +285,11 @@ LENS_FAST_TARGET_AVX2 void sweep_rows_avx2(uint8_t* out, uint32_t h, uint32_t w,
     uint32_t x = 0;
     if (stream && reinterpret_cast<uintptr_t>(row) % 32 == 0) {
       for (; x + 32 <= w; x += 32) {
-        const __m256i group = _mm256_shuffle_epi8(_mm256_set1_epi32(int32_t(bits32[x / 32])), spread);
-        _mm256_stream_si256(reinterpret_cast<__m256i*>(row + x),
-                            _mm256_min_epu8(_mm256_and_si256(group, bit), one));
+        _mm256_stream_si256(reinterpret_cast<__m256i*>(row + x), expand_bits(bits32[x / 32]));
       }
     }
     for (; x + 32 <= w; x += 32) {
-      const __m256i group = _mm256_shuffle_epi8(_mm256_set1_epi32(int32_t(bits32[x / 32])), spread);
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(row + x),
-                          _mm256_min_epu8(_mm256_and_si256(group, bit), one));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(row + x), expand_bits(bits32[x / 32]));
     }
     for (; x < w; ++x) row[x] = uint8_t((bits[x / 64] >> (x % 64)) & 1);
   }
