@@ -236,7 +236,7 @@ inline void fill_run(uint8_t* p, const uint8_t* end, int value, uint32_t count) 
 }
 
 // Masks of at least this many pixels are written with non-temporal stores.
-constexpr size_t kStreamPixels = size_t(1) << 18;
+constexpr size_t kStreamPixels = size_t(1) << 20;
 
 // ---- row sweep: rows 1..h-1 of a row-major mask from row 0 and the columns flipped in each row
 // (row r flips columns starts[begin[r], end[r]))
