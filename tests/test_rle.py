@@ -187,6 +187,13 @@ def _counts(r):
     return counts
 
 
+@pytest.mark.parametrize("h,w", [(1024, 1024), (1000, 1049)])
+def test_decode_masks_large(rng, h, w):
+    """Masks of a million pixels or more: rows written with non-temporal stores where aligned."""
+    masks = np.concatenate([smooth_masks(rng, 2, h, w), special_masks(h, w)[:2]])
+    np.testing.assert_array_equal(rle.decode_masks(coco_encode(masks)).numpy(), masks)
+
+
 @pytest.mark.parametrize("h,w", [(1, 1), (1, 7), (7, 1), (20, 33), (64, 64)])
 def test_round_trips(rng, h, w):
     masks = all_masks(rng, h, w)
