@@ -25,6 +25,9 @@ fce = pytest.importorskip("faster_coco_eval.core.mask")
 rlemasklib = pytest.importorskip("rlemasklib")
 RLEMask = rlemasklib.RLEMask
 
+# pycocotools' decode warns on numpy 2 (its __array__ takes no copy keyword): not ours to fix.
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
+
 N = 16
 SIZES = {"480x640": (480, 640), "1024x1024": (1024, 1024)}
 KINDS = ("smooth", "noise")

@@ -6,6 +6,9 @@ import torch
 
 from lens_fast import _backend, rle
 
+# pycocotools' decode warns on numpy 2 (its __array__ takes no copy keyword): not ours to fix.
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
+
 SIZES = [(1, 1), (1, 13), (13, 1), (2, 2), (31, 37), (64, 64), (97, 61), (130, 67)]
 
 
