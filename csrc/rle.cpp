@@ -2,6 +2,7 @@
 #include "rle.h"
 
 #include <algorithm>
+#include <atomic>
 #include <climits>
 #include <cmath>
 #include <cstring>
@@ -11,10 +12,21 @@
 #include "cpu_features.h"
 #include "parallel.h"
 
+// The AVX2 variant of a function where the CPU has AVX2 (and set_simd_enabled allows it), else the
+// portable one.
+#if LENS_FAST_X86
+#define LENS_FAST_DISPATCH(avx2, portable) \
+  (g_simd_enabled.load(std::memory_order_relaxed) && cpu_has_avx2() ? (avx2) : (portable))
+#else
+#define LENS_FAST_DISPATCH(avx2, portable) (portable)
+#endif
+
 namespace lens_fast {
 namespace rle {
 
 namespace {
+
+std::atomic<bool> g_simd_enabled{true};
 
 [[noreturn]] void fail(const std::string& message) { throw std::invalid_argument(message); }
 
@@ -75,34 +87,25 @@ LENS_FAST_TARGET_AVX2 inline uint64_t differ64(const uint8_t* a, const uint8_t* 
 LENS_FAST_TARGET_AVX2 bool scan_column_avx2(const uint8_t* col, uint32_t len, uint32_t base,
                                            bool previous, CountWriter& out) {
   if (len == 0) return previous;
-  CountWriter w = out;
-  if ((col[0] != 0) != previous) w.start(base);
+  CountWriter writer = out;  // a local copy stays in registers
+  if ((col[0] != 0) != previous) writer.start(base);
   uint32_t i = 1;
   for (; i + 64 <= len; i += 64) {
     for (uint64_t bits = differ64(col + i, col + i - 1); bits; bits = _blsr_u64(bits)) {
-      w.start(base + i + uint32_t(_tzcnt_u64(bits)));
+      writer.start(base + i + uint32_t(_tzcnt_u64(bits)));
     }
   }
   for (; i < len; ++i) {
-    if ((col[i] != 0) != (col[i - 1] != 0)) w.start(base + i);
+    if ((col[i] != 0) != (col[i - 1] != 0)) writer.start(base + i);
   }
-  out = w;
+  out = writer;
   return col[len - 1] != 0;
 }
 #endif
 
-using ScanColumn = bool (*)(const uint8_t*, uint32_t, uint32_t, bool, CountWriter&);
-
-ScanColumn pick_scan_column() {
-#if LENS_FAST_X86
-  if (cpu_has_avx2()) return scan_column_avx2;
-#endif
-  return scan_column_scalar;
-}
-
 // Masks whose columns are contiguous (stride_h == 1): each column scanned in turn.
 size_t encode_columns(const uint8_t* mask, uint32_t h, uint32_t w, int64_t stride_w, uint32_t* counts) {
-  const ScanColumn scan = pick_scan_column();
+  const auto scan = LENS_FAST_DISPATCH(scan_column_avx2, scan_column_scalar);
   CountWriter out{counts};
   const uint32_t pixels = h * w;
   if (w == 1 || stride_w == int64_t(h)) {  // one contiguous column-major block
@@ -145,16 +148,6 @@ LENS_FAST_TARGET_AVX2 size_t diff_rows_avx2(const uint8_t* cur, const uint8_t* a
 }
 #endif
 
-using DiffRows = size_t (*)(const uint8_t*, const uint8_t*, uint32_t, uint32_t, uint32_t*, size_t,
-                            uint32_t*);
-
-DiffRows pick_diff_rows() {
-#if LENS_FAST_X86
-  if (cpu_has_avx2()) return diff_rows_avx2;
-#endif
-  return diff_rows_scalar;
-}
-
 // Masks whose rows are contiguous (stride_w == 1). One pass compares each row with the row above
 // and records where runs start (row by row); a counting sort by column then puts the starts in
 // column-major order, and their differences are the counts.
@@ -177,7 +170,7 @@ size_t encode_rows(const uint8_t* mask, uint32_t h, uint32_t w, int64_t stride_h
     previous = last_row[x] != 0;
   }
   row_end[0] = uint32_t(n_events);
-  const DiffRows diff = pick_diff_rows();
+  const auto diff = LENS_FAST_DISPATCH(diff_rows_avx2, diff_rows_scalar);
   for (uint32_t y = 1; y < h; ++y) {
     const uint8_t* row = mask + int64_t(y) * stride_h;
     n_events = diff(row, row - stride_h, 0, w, events, n_events, per_column);
@@ -243,7 +236,7 @@ inline void fill_run(uint8_t* p, const uint8_t* end, int value, uint32_t count) 
 }
 
 // Masks of at least this many pixels are written with non-temporal stores.
-constexpr size_t kStreamPixels = size_t(1) << 18;
+constexpr size_t kStreamPixels = size_t(1) << 20;
 
 // ---- row sweep: rows 1..h-1 of a row-major mask from row 0 and the columns flipped in each row
 // (row r flips columns starts[begin[r], end[r]))
@@ -258,6 +251,15 @@ void sweep_rows_scalar(uint8_t* out, uint32_t h, uint32_t w, const uint32_t* beg
 }
 
 #if LENS_FAST_X86
+// Bytes (0/1) of the 32 pixels whose bits are `bits`: byte i takes bit i % 8 of byte i / 8.
+LENS_FAST_TARGET_AVX2 inline __m256i expand_bits(uint32_t bits) {
+  const __m256i spread = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,  //
+                                          2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
+  const __m256i bit = _mm256_set1_epi64x(int64_t(0x8040201008040201));
+  const __m256i group = _mm256_shuffle_epi8(_mm256_set1_epi32(int32_t(bits)), spread);
+  return _mm256_min_epu8(_mm256_and_si256(group, bit), _mm256_set1_epi8(1));
+}
+
 // The row lives in a bitset (a flip is one 64-bit xor) and is expanded to bytes 32 at a time, so
 // no vector load ever reads a byte just stored (which stalls store forwarding).
 LENS_FAST_TARGET_AVX2 void sweep_rows_avx2(uint8_t* out, uint32_t h, uint32_t w,
@@ -267,13 +269,13 @@ LENS_FAST_TARGET_AVX2 void sweep_rows_avx2(uint8_t* out, uint32_t h, uint32_t w,
   const uint32_t words = (w + 63) / 64;
   uint64_t* bits = bits_buffer.get(words + 1);
   std::memset(bits, 0, sizeof(uint64_t) * (words + 1));
-  for (uint32_t x = 0; x < w; ++x) bits[x / 64] |= uint64_t(out[x]) << (x % 64);
-  const auto* bits32 = reinterpret_cast<const uint32_t*>(bits);
-  // Byte i of a 32-pixel group takes bit i % 8 of byte i / 8 of the group's 32 bits.
-  const __m256i spread = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,  //
-                                          2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
-  const __m256i bit = _mm256_set1_epi64x(int64_t(0x8040201008040201));
-  const __m256i one = _mm256_set1_epi8(1);
+  auto* bits32 = reinterpret_cast<uint32_t*>(bits);
+  uint32_t x0 = 0;
+  for (; x0 + 32 <= w; x0 += 32) {  // row 0's bytes -> bits, 32 at a time
+    const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(out + x0));
+    bits32[x0 / 32] = ~uint32_t(_mm256_movemask_epi8(_mm256_cmpeq_epi8(bytes, _mm256_setzero_si256())));
+  }
+  for (; x0 < w; ++x0) bits[x0 / 64] |= uint64_t(out[x0]) << (x0 % 64);
   // Large masks are written around the caches (non-temporal stores): no read for ownership of
   // lines about to be overwritten, and the caches are left to whoever reads the mask next.
   const bool stream = size_t(h) * w >= kStreamPixels;
@@ -283,31 +285,17 @@ LENS_FAST_TARGET_AVX2 void sweep_rows_avx2(uint8_t* out, uint32_t h, uint32_t w,
     uint32_t x = 0;
     if (stream && reinterpret_cast<uintptr_t>(row) % 32 == 0) {
       for (; x + 32 <= w; x += 32) {
-        const __m256i group = _mm256_shuffle_epi8(_mm256_set1_epi32(int32_t(bits32[x / 32])), spread);
-        _mm256_stream_si256(reinterpret_cast<__m256i*>(row + x),
-                            _mm256_min_epu8(_mm256_and_si256(group, bit), one));
+        _mm256_stream_si256(reinterpret_cast<__m256i*>(row + x), expand_bits(bits32[x / 32]));
       }
     }
     for (; x + 32 <= w; x += 32) {
-      const __m256i group = _mm256_shuffle_epi8(_mm256_set1_epi32(int32_t(bits32[x / 32])), spread);
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(row + x),
-                          _mm256_min_epu8(_mm256_and_si256(group, bit), one));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(row + x), expand_bits(bits32[x / 32]));
     }
     for (; x < w; ++x) row[x] = uint8_t((bits[x / 64] >> (x % 64)) & 1);
   }
   _mm_sfence();
 }
 #endif
-
-using SweepRows = void (*)(uint8_t*, uint32_t, uint32_t, const uint32_t*, const uint32_t*,
-                           const uint32_t*);
-
-SweepRows pick_sweep_rows() {
-#if LENS_FAST_X86
-  if (cpu_has_avx2()) return sweep_rows_avx2;
-#endif
-  return sweep_rows_scalar;
-}
 
 // ---- transpose (column-major h x w -> row-major h x w)
 
@@ -607,6 +595,8 @@ constexpr uint32_t kShortRunsPerPixel = 24;
 
 }  // namespace
 
+void set_simd_enabled(bool enabled) { g_simd_enabled.store(enabled); }
+
 void check_size(int64_t h, int64_t w, const std::string& what) {
   if (h < 0 || w < 0 || (h > 0 && w > int64_t(UINT32_MAX) / h)) {
     fail(what + " must be non-negative with h * w < 2^32, got h=" + std::to_string(h) +
@@ -737,7 +727,8 @@ void decode_row_major(const RleView& rle, uint8_t* out) {
   for (size_t e = 0; e < n_events; ++e) starts_by_row[per_row[events[2 * e]]++] = events[2 * e + 1];
   // Rows y > 0: row y - 1 with the columns where a run starts flipped.
   // per_row[y] is now the end of row y's starts, row_next[y] = per_row[y - 1] its beginning.
-  pick_sweep_rows()(out, h, w, row_next, per_row, starts_by_row);
+  const auto sweep_rows = LENS_FAST_DISPATCH(sweep_rows_avx2, sweep_rows_scalar);
+  sweep_rows(out, h, w, row_next, per_row, starts_by_row);
 }
 
 // ---- measures

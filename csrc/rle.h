@@ -45,6 +45,10 @@ struct RleView {
   uint64_t pixels() const { return uint64_t(h) * w; }
 };
 
+// Lets the AVX2 paths run where the CPU has AVX2 (the default), or not: tests check the portable
+// paths on any machine.
+void set_simd_enabled(bool enabled);
+
 // ValueError-style check of a mask size: h * w < 2^32. `what` names it in the message.
 void check_size(int64_t h, int64_t w, const std::string& what);
 

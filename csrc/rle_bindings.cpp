@@ -485,6 +485,8 @@ void register_rle(py::module_& m) {
   m.def("rle_run_ends", &run_ends_binding, py::arg("rles"));
   m.def("rle_counts_to_dicts", &counts_to_dicts_binding, py::arg("counts"), py::arg("offsets"),
         py::arg("n"), py::arg("h"), py::arg("w"), py::arg("num_threads") = 0);
+  m.def("rle_set_simd", &set_simd_enabled, py::arg("enabled"),
+        "Use the AVX2 paths where the CPU has AVX2 (True, the default) or the portable ones (tests).");
   m.def("rle_reference_encode", &reference_encode, py::arg("data"), py::arg("n"), py::arg("h"),
         py::arg("w"), py::arg("stride_n"), py::arg("stride_h"), py::arg("stride_w"),
         py::arg("rows_per_segment"),

@@ -94,6 +94,8 @@ class _Masks:
 def _encode_view(masks: _Masks, axes: Tuple[int, int, int], num_threads: int) -> List[RLE]:
     """Encode the masks of ``masks`` whose (n, h, w) axes are ``axes`` of its array."""
     n, h, w = (masks.shape[a] for a in axes)
+    if h * w >= 2**32:
+        raise ValueError(f"masks must have h * w < 2^32 (COCO counts are uint32), got h={h}, w={w}")
     strides = tuple(masks.strides[a] for a in axes)
     if masks.device.type == "cuda":
         return _encode_cuda(masks.array.permute(*axes), num_threads)

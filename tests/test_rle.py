@@ -6,6 +6,9 @@ import torch
 
 from lens_fast import _backend, rle
 
+# pycocotools' decode warns on numpy 2 (its __array__ takes no copy keyword): not ours to fix.
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
+
 SIZES = [(1, 1), (1, 13), (13, 1), (2, 2), (31, 37), (64, 64), (97, 61), (130, 67)]
 
 
@@ -187,6 +190,13 @@ def _counts(r):
     return counts
 
 
+@pytest.mark.parametrize("h,w", [(1024, 1024), (1000, 1049)])
+def test_decode_masks_large(rng, h, w):
+    """Masks of a million pixels or more: rows written with non-temporal stores where aligned."""
+    masks = np.concatenate([smooth_masks(rng, 2, h, w), special_masks(h, w)[:2]])
+    np.testing.assert_array_equal(rle.decode_masks(coco_encode(masks)).numpy(), masks)
+
+
 @pytest.mark.parametrize("h,w", [(1, 1), (1, 7), (7, 1), (20, 33), (64, 64)])
 def test_round_trips(rng, h, w):
     masks = all_masks(rng, h, w)
@@ -208,30 +218,34 @@ NON_CANONICAL = [  # valid counts with zero-length runs past the first: pycocoto
 ]
 
 
-def exact_iou(a, b, crowd):
-    inter, union = np.logical_and(a, b).sum(), np.logical_or(a, b).sum()
-    return 0.0 if inter == 0 else inter / (a.sum() if crowd else union)
-
-
-@pytest.mark.parametrize("counts,h,w", NON_CANONICAL)
-def test_non_canonical_counts_are_exact(counts, h, w):
-    """Decode and area match pycocotools; merge, iou and toBbox give the exact answer (pycocotools'
-    walks assume no zero-length runs: they stop early, overrun a buffer or wrap around)."""
+def check_exact_on_any_counts(counts, h, w, other_mask):
+    """Checks of one valid RLE (any counts summing to h * w) against pycocotools where it is exact on
+    every valid input (frPyObjects, decode, area) and against numpy (merge, iou) with other_mask.
+    Returns the pycocotools RLE and its mask."""
     r = coco.frPyObjects({"size": [h, w], "counts": counts}, h, w)
     assert rle.frPyObjects({"size": [h, w], "counts": counts}, h, w) == r
     mask = coco.decode(r)
     np.testing.assert_array_equal(rle.decode(r), mask)
     np.testing.assert_array_equal(rle.decode_masks([r]).numpy()[0], mask)
     assert rle.area(r) == coco.area(r)
+    for other, m2 in ((rle.encode(other_mask), other_mask), (r, mask)):
+        assert rle.merge([r, other]) == rle.encode(mask | m2)
+        assert rle.merge([r, other], intersect=1) == rle.encode(mask & m2)
+        inter, union = np.logical_and(mask, m2).sum(), np.logical_or(mask, m2).sum()
+        for crowd in (0, 1):
+            exact = 0.0 if inter == 0 else inter / (mask.sum() if crowd else union)
+            np.testing.assert_allclose(rle.iou([r], [other], [crowd]), [[exact]])
+    return r, mask
+
+
+@pytest.mark.parametrize("counts,h,w", NON_CANONICAL)
+def test_non_canonical_counts_are_exact(counts, h, w):
+    """merge, iou and toBbox give the exact answer (pycocotools' walks assume no zero-length runs:
+    they stop early, overrun a buffer or wrap around)."""
+    r, mask = check_exact_on_any_counts(counts, h, w, np.asfortranarray(np.eye(h, w, dtype=np.uint8)))
     ys, xs = np.nonzero(mask)
     box = [xs.min(), ys.min(), np.ptp(xs) + 1, np.ptp(ys) + 1] if len(xs) else [0, 0, 0, 0]
     np.testing.assert_array_equal(rle.toBbox(r), box)
-    other_mask = np.asfortranarray(np.eye(h, w, dtype=np.uint8))
-    for other, m2 in ((coco.encode(other_mask), other_mask), (r, mask)):
-        assert rle.merge([r, other]) == rle.encode(mask | m2)
-        assert rle.merge([r, other], intersect=1) == rle.encode(mask & m2)
-        for crowd in (0, 1):
-            np.testing.assert_allclose(rle.iou([r], [other], [crowd]), [[exact_iou(mask, m2, crowd)]])
     assert rle.merge([r]) == r  # one RLE: its counts as given, as pycocotools
 
 
@@ -339,6 +353,28 @@ def test_frpyobjects_boxes_and_uncompressed_match_pycocotools(rng):
     uncompressed = [{"size": [h, w], "counts": _counts(r)} for r in coco_encode(masks)]
     assert rle.frPyObjects(uncompressed, h, w) == coco.frPyObjects(uncompressed, h, w)
     assert rle.frPyObjects(uncompressed[0], 1, 1) == coco.frPyObjects(uncompressed[0], 1, 1)
+
+
+# ---------------------------------------------------------------- portable paths
+
+
+@pytest.fixture
+def portable_paths():
+    """The non-SIMD code paths (what a CPU without AVX2 runs), for the duration of a test."""
+    C = _backend.native()
+    C.rle_set_simd(False)
+    yield
+    C.rle_set_simd(True)
+
+
+@pytest.mark.parametrize("h,w", [(1, 13), (13, 1), (31, 37), (97, 130), (130, 97)])
+def test_portable_paths_match_pycocotools(rng, portable_paths, h, w):
+    masks = all_masks(rng, h, w)
+    expected = coco_encode(masks)
+    assert rle.encode_masks(masks) == expected
+    assert rle.encode_masks(np.asfortranarray(masks)) == expected
+    assert rle.encode(np.asfortranarray(masks.transpose(1, 2, 0))) == expected
+    np.testing.assert_array_equal(rle.decode_masks(expected).numpy(), masks)
 
 
 # ---------------------------------------------------------------- the GPU logic, run on the CPU
