@@ -1,7 +1,7 @@
 """Build lens_fast: the Python package plus the pybind11 extension ``lens_fast._C`` built by CMake.
 
 The C++ sources in ``csrc/`` are always built. The CUDA sources are built whenever CMake finds nvcc
-(set ``LENS_FAST_CUDA=0`` to skip them, ``LENS_FAST_CUDA_ARCHS`` to change the architecture list).
+(``LENS_FAST_CUDA=0`` or ``OFF`` skips them, ``1``/``ON`` requires them; ``LENS_FAST_CUDA_ARCHS`` to change the architecture list).
 """
 import os
 import subprocess
