@@ -302,6 +302,15 @@ def test_postprocess_mask_stats_rejects_bad_input(kwargs, error, match):
         postprocess_mask_stats(**args)
 
 
+def test_other_devices_run_the_torch_reference():
+    """backend=None on a device without a kernel (meta here) runs the torch reference."""
+    low_res = torch.zeros(2, 3, 4, 5, device="meta")
+    assert postprocess_masks(low_res, (8, 8), (7, 9), image_size=8).shape == (2, 3, 7, 9)
+    gt = torch.zeros(2, 7, 9, dtype=torch.bool, device="meta")
+    stats = postprocess_mask_stats(low_res, gt, (8, 8), (7, 9), image_size=8)
+    assert stats.union.device.type == "meta" and stats.union.shape == (2, 3)
+
+
 def test_kernels_compile_for_gpu(monkeypatch, tmp_path):
     """The Triton kernels compile to sm_90 cubins (no GPU needed), which the interpreter cannot check.
 
