@@ -7,6 +7,7 @@ float32 rounding order can flip the comparison, and only those pixels may differ
 """
 import types
 
+import numpy as np
 import pytest
 import torch
 from segment_anything.modeling import Sam
@@ -83,6 +84,15 @@ def test_thresholded_masks_match_sam(rng, backend, threshold):
     ref = sam_reference(low, input_size, original_size, image_size)
     masks = postprocess_masks(low, input_size, original_size, threshold, image_size, backend=backend)
     assert_masks_match(masks, ref, torch.tensor(threshold, dtype=torch.float32).item())
+
+
+def test_numpy_scalar_arguments(rng):
+    """numpy thresholds and image sizes are taken like Python numbers (as ops.mask_stats takes them)."""
+    low = logits(rng, (1, 3, 8, 8))
+    ref = sam_reference(low, (16, 12), (5, 7), 16)
+    masks = postprocess_masks(low, (16, 12), (5, 7), np.float32(0.25), np.int64(16), backend="cpu")
+    assert_masks_match(masks, ref, float(np.float32(0.25)))
+    assert not postprocess_masks(low, (16, 12), (5, 7), 10**400, 16, backend="cpu").any()  # beyond float: +inf
 
 
 def test_thresholds_near_zero_flip_only_there(rng):
