@@ -1,9 +1,12 @@
 """Helpers shared by the benchmark files (fixtures live in conftest.py)."""
 from __future__ import annotations
 
-from typing import Any, Callable
+import contextlib
+from typing import Any, Callable, Iterator
 
 import torch
+
+import lens_fast
 
 
 def synced(fn: Callable[[], Any], device: str | torch.device) -> Callable[[], Any]:
@@ -27,3 +30,14 @@ def cuda_peak_mib(fn: Callable[[], Any]) -> float:
     fn()
     torch.cuda.synchronize()
     return (torch.cuda.max_memory_allocated() - start) / 2**20
+
+
+@contextlib.contextmanager
+def native_threads(n: int) -> Iterator[None]:
+    """Run the C++ ops with ``n`` threads inside the block, restoring the previous default after."""
+    before = lens_fast.get_num_threads()
+    lens_fast.set_num_threads(n)
+    try:
+        yield
+    finally:
+        lens_fast.set_num_threads(before)

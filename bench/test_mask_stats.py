@@ -13,10 +13,9 @@ import pytest
 import torch
 from torchmetrics.functional.classification import binary_stat_scores
 
-import lens_fast
 from lens_fast import ops
 
-from bench_utils import synced
+from bench_utils import native_threads, synced
 
 BATCH, GROUPS = 8, 8
 
@@ -64,13 +63,6 @@ def torchmetrics_stats(pred: torch.Tensor, gt: torch.Tensor):
     return binary_stat_scores(preds, target.to(torch.uint8), threshold, multidim_average="samplewise", validate_args=False)
 
 
-
-def set_native_threads(n: int):
-    before = lens_fast.get_num_threads()
-    lens_fast.set_num_threads(n)
-    return before
-
-
 def nbytes(pred: torch.Tensor, gt: torch.Tensor) -> int:
     return pred.numel() * pred.element_size() + gt.numel() * gt.element_size()
 
@@ -88,8 +80,7 @@ def test_mask_stats_cpu(benchmark, memcpy_gbps, one_torch_thread, dtype, impl):
     benchmark.extra_info["memcpy_gbps"] = memcpy_gbps(nbytes(pred, gt))
     threads = (os.cpu_count() or 1) if impl == "lens_fast_cpu_threads" else 1
     benchmark.extra_info["threads"] = threads
-    before = set_native_threads(threads)
-    try:
+    with native_threads(threads):
         if impl.startswith("lens_fast_cpu"):
             stats = benchmark(ops.mask_stats, pred, gt, backend="cpu")
             intersection, union, area, boxes = plain_torch(pred, gt)
@@ -103,8 +94,6 @@ def test_mask_stats_cpu(benchmark, memcpy_gbps, one_torch_thread, dtype, impl):
         else:
             scores = benchmark(torchmetrics_stats, pred, gt)
             assert torch.equal(scores[:, 0].view(BATCH, GROUPS), plain_torch(pred, gt)[0])
-    finally:
-        set_native_threads(before)
 
 
 @pytest.mark.cuda

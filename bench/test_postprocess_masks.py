@@ -17,10 +17,9 @@ import pytest
 import torch
 from segment_anything.modeling import Sam
 
-import lens_fast
 from lens_fast import ops
 
-from bench_utils import cuda_peak_mib, synced
+from bench_utils import cuda_peak_mib, native_threads, synced
 
 GROUPS, MASKS, LOW_RES, IMAGE_SIZE = 8, 8, 256, 1024
 SIZES = [(480, 640), (1024, 1024)]
@@ -87,9 +86,7 @@ def test_postprocess_mask_stats_cpu(benchmark, memcpy_gbps, one_torch_thread, si
     benchmark.extra_info["bytes"] = nbytes(low, gt)
     benchmark.extra_info["memcpy_gbps"] = memcpy_gbps(nbytes(low, gt))
     threads = (os.cpu_count() or 1) if impl == "lens_fast_cpu_threads" else 1
-    before = lens_fast.get_num_threads()
-    lens_fast.set_num_threads(threads)
-    try:
+    with native_threads(threads):
         if impl.startswith("lens_fast_cpu"):
             stats = benchmark.pedantic(
                 ops.postprocess_mask_stats, (low, gt, input_size(size), size), {"backend": "cpu"}, rounds=5
@@ -100,8 +97,6 @@ def test_postprocess_mask_stats_cpu(benchmark, memcpy_gbps, one_torch_thread, si
             benchmark.pedantic(sam_then_torch_iou, (low, gt, size), rounds=2)
         else:
             benchmark.pedantic(lambda: ops.mask_stats(sam_masks(low, size), gt, backend="cpu"), rounds=2)
-    finally:
-        lens_fast.set_num_threads(before)
 
 
 @pytest.mark.parametrize("impl", ["lens_fast_cpu_1thread", "sam_threshold"])

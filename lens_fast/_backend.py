@@ -1,7 +1,7 @@
 """Backend selection and the native extension.
 
-Every public op takes ``backend``: ``None`` picks Triton for CUDA tensors and C++ for CPU tensors,
-``"triton"`` forces the Triton kernel (CPU tensors run under Triton's interpreter), ``"cpu"`` the C++
+Every public op takes ``backend``: ``None`` picks Triton for CUDA tensors, C++ for CPU tensors and
+the PyTorch reference on any other device (meta, mps, ...), ``"triton"`` forces the Triton kernel (CPU tensors run under Triton's interpreter), ``"cpu"`` the C++
 kernel, ``"torch"`` the plain PyTorch reference.
 """
 from __future__ import annotations
@@ -52,13 +52,14 @@ def resolve_backend(backend: Optional[str], device: torch.device, *, has_cpu: bo
     """The backend to run on ``device``: the rule above, with a ValueError for impossible choices.
 
     ``has_cpu=False`` marks ops without a C++ twin: ``None`` then maps CPU tensors to "torch".
+    Tensors on other devices (meta, mps, ...) get "torch" (the kernels only read CPU or CUDA memory).
     """
     if backend is not None and backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
     if backend is None:
         if device.type == "cuda":
             return "triton"
-        return "cpu" if has_cpu else "torch"
+        return "cpu" if has_cpu and device.type == "cpu" else "torch"
     if backend == "cpu":
         if not has_cpu:
             raise ValueError("backend='cpu': this op has no C++ kernel; use 'triton' or 'torch'")

@@ -240,5 +240,7 @@ def test_bad_arguments_are_named():
         SyntheticConfig(min_side=300, max_side=200)
     with pytest.raises(IndexError, match="out of range"):
         SyntheticRefDataset("val", size=3)[3]
+    with pytest.raises(TypeError, match="index must be an int, got float 1.0"):
+        SyntheticRefDataset("val", size=3)[1.0]
     with pytest.raises(ValueError, match="collate_samples needs at least one sample"):
         collate_samples([])

@@ -316,6 +316,20 @@ def test_triton_kernels_compile_for_cuda_without_gpu():
     triton.compile(ASTSource(kernel._mask_stats_finish, signature, constexprs), target=GPUTarget("cuda", 90, 32))
 
 
+def test_other_devices_run_the_torch_reference():
+    """backend=None on a device the kernels cannot read (meta here) runs the torch reference, not C++ on
+    a null pointer; forcing "cpu" or "triton" there is a ValueError."""
+    pred = torch.zeros(2, 3, 4, 5, device="meta")
+    gt = torch.zeros(2, 4, 5, dtype=torch.bool, device="meta")
+    stats = ops.mask_stats(pred, gt)
+    assert stats.union.device.type == "meta" and stats.union.shape == (2, 3) and stats.pred_box.shape == (2, 3, 4)
+    assert ops.mask_iou(pred, gt).shape == (2, 3)
+    with pytest.raises(ValueError, match="backend='cpu' needs CPU tensors, got tensors on meta"):
+        ops.mask_stats(pred, gt, backend="cpu")
+    with pytest.raises(ValueError, match="backend='triton' needs CUDA"):
+        ops.mask_stats(pred, gt, backend="triton")
+
+
 def test_bad_inputs():
     pred = torch.zeros(2, 3, 4, 5)
     gt = torch.zeros(2, 4, 5, dtype=torch.bool)

@@ -7,6 +7,7 @@ float32 rounding order can flip the comparison, and only those pixels may differ
 """
 import types
 
+import numpy as np
 import pytest
 import torch
 from segment_anything.modeling import Sam
@@ -83,6 +84,15 @@ def test_thresholded_masks_match_sam(rng, backend, threshold):
     ref = sam_reference(low, input_size, original_size, image_size)
     masks = postprocess_masks(low, input_size, original_size, threshold, image_size, backend=backend)
     assert_masks_match(masks, ref, torch.tensor(threshold, dtype=torch.float32).item())
+
+
+def test_numpy_scalar_arguments(rng):
+    """numpy thresholds and image sizes are taken like Python numbers (as ops.mask_stats takes them)."""
+    low = logits(rng, (1, 3, 8, 8))
+    ref = sam_reference(low, (16, 12), (5, 7), 16)
+    masks = postprocess_masks(low, (16, 12), (5, 7), np.float32(0.25), np.int64(16), backend="cpu")
+    assert_masks_match(masks, ref, float(np.float32(0.25)))
+    assert not postprocess_masks(low, (16, 12), (5, 7), 10**400, 16, backend="cpu").any()  # beyond float: +inf
 
 
 def test_thresholds_near_zero_flip_only_there(rng):
@@ -300,6 +310,15 @@ def test_postprocess_mask_stats_rejects_bad_input(kwargs, error, match):
     args.update(kwargs)
     with pytest.raises(error, match=match):
         postprocess_mask_stats(**args)
+
+
+def test_other_devices_run_the_torch_reference():
+    """backend=None on a device without a kernel (meta here) runs the torch reference."""
+    low_res = torch.zeros(2, 3, 4, 5, device="meta")
+    assert postprocess_masks(low_res, (8, 8), (7, 9), image_size=8).shape == (2, 3, 7, 9)
+    gt = torch.zeros(2, 7, 9, dtype=torch.bool, device="meta")
+    stats = postprocess_mask_stats(low_res, gt, (8, 8), (7, 9), image_size=8)
+    assert stats.union.device.type == "meta" and stats.union.shape == (2, 3)
 
 
 def test_kernels_compile_for_gpu(monkeypatch, tmp_path):

@@ -149,6 +149,8 @@ def test_lens_mask_threshold_and_empty_value():
     gt = torch.tensor([[[True, True], [False, False]]])
     out = lens_reward(["x"], [[0, 0, 1, 1]], pred_masks=logits, gt_masks=gt, mask_threshold=1.0)
     assert out.components["mask"].item() == pytest.approx((1 / 3) ** 2)
+    from_numpy = lens_reward(["x"], [[0, 0, 1, 1]], pred_masks=logits.numpy(), gt_masks=gt.numpy(), mask_threshold=1.0)
+    assert torch.equal(from_numpy.components["mask"], out.components["mask"])
     empty = lens_reward(["x"], [[0, 0, 1, 1]], pred_masks=torch.zeros(1, 1, 2, 2), gt_masks=torch.zeros(1, 2, 2, dtype=torch.bool),
                         empty_mask_iou=0.0)
     assert empty.components["mask"].item() == 0.0

@@ -366,7 +366,9 @@ class SyntheticRefDataset(torch.utils.data.Dataset):
 
     def scene(self, index: int) -> Scene:
         """The full scene behind sample ``index`` (all objects, every valid expression)."""
-        if not isinstance(index, (int, np.integer)) or not (-self.size <= index < self.size):
+        if isinstance(index, bool) or not isinstance(index, (int, np.integer)):
+            raise TypeError(f"index must be an int, got {type(index).__name__} {index!r}")
+        if not (-self.size <= index < self.size):
             raise IndexError(f"index {index!r} out of range for a dataset of {self.size} samples")
         index = int(index) % self.size
         seq = np.random.SeedSequence(entropy=self.seed, spawn_key=(SPLITS[self.split], index))

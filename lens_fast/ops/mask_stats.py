@@ -82,8 +82,9 @@ def _real(name: str, value: object) -> float:
         return math.inf if value > 0 else -math.inf
 
 
-def _check_threshold(threshold: object, pred_dtype: torch.dtype) -> float:
-    """``threshold`` rounded to float32 (the precision every backend compares in)."""
+def check_threshold(threshold: object, pred_dtype: torch.dtype = torch.float32) -> float:
+    """``threshold`` rounded to float32 (the precision every backend compares in); TypeError for a
+    non-real, ValueError for NaN or for a nonzero threshold on bool/uint8 ``pred_dtype``."""
     threshold = _real("threshold", threshold)
     if math.isnan(threshold):
         raise ValueError("threshold must not be NaN")
@@ -188,7 +189,7 @@ def mask_stats(
     [..., G, 4], zeros when empty). ``backend``: see :mod:`lens_fast._backend`.
     """
     pred, gt = _check_inputs(pred, gt)
-    threshold = _check_threshold(threshold, pred.dtype)
+    threshold = check_threshold(threshold, pred.dtype)
     backend = resolve_backend(backend, pred.device)
     if pred.numel() == 0:
         return _empty_stats(pred, gt)

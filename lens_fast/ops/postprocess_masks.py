@@ -17,7 +17,6 @@ so NaN/inf logits can spread one low-res pixel further than in torch.
 """
 from __future__ import annotations
 
-import math
 import operator
 from typing import Optional, Sequence
 
@@ -25,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from lens_fast._backend import as_tensor, check_same_device, native, resolve_backend
-from lens_fast.ops.mask_stats import MaskStats, mask_stats_torch
+from lens_fast.ops.mask_stats import MaskStats, check_threshold, mask_stats_torch
 
 LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 GT_DTYPES = (torch.bool, torch.uint8)
@@ -49,15 +48,6 @@ def _check_size(name: str, size: object) -> tuple[int, int]:
     return pair  # type: ignore[return-value]
 
 
-def _check_threshold(threshold: object) -> float:
-    """``threshold`` as the float32 value every backend compares logits with."""
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
-        raise TypeError(f"threshold must be a real number, got {type(threshold).__name__}")
-    if math.isnan(threshold):
-        raise ValueError("threshold must not be NaN")
-    return torch.tensor(float(threshold), dtype=torch.float32).item()
-
-
 def _check_geometry(
     low_res: object, input_size: object, original_size: object, image_size: object, min_dims: int
 ) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int], int]:
@@ -69,8 +59,13 @@ def _check_geometry(
         raise ValueError(f"low_res must be {want} (at least {min_dims} dims), got shape {tuple(low_res.shape)}")
     if min(low_res.shape[-2:]) < 1:
         raise ValueError(f"low_res must have h, w >= 1, got shape {tuple(low_res.shape)}")
-    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
+    try:
+        size = 0 if isinstance(image_size, bool) else operator.index(image_size)  # type: ignore[arg-type]
+    except TypeError:
+        size = 0
+    if size < 1:
         raise ValueError(f"image_size must be a positive int, got {image_size!r}")
+    image_size = size
     input_size = _check_size("input_size", input_size)
     original_size = _check_size("original_size", original_size)
     if max(input_size) > image_size:
@@ -121,7 +116,7 @@ def postprocess_masks(
         low_res, input_size, original_size, image_size, min_dims=2
     )
     if threshold is not None:
-        threshold = _check_threshold(threshold)
+        threshold = check_threshold(threshold)
     backend = resolve_backend(backend, low_res.device)
     shape = (*low_res.shape[:-2], *original_size)
     if backend == "torch":
@@ -175,7 +170,7 @@ def postprocess_mask_stats(
             f"original_size {original_size}, got gt of shape {tuple(gt.shape)}"
         )
     check_same_device(low_res=low_res, gt=gt)
-    threshold = _check_threshold(threshold)
+    threshold = check_threshold(threshold)
     backend = resolve_backend(backend, low_res.device)
     if backend == "torch" or low_res.numel() == 0:
         logits = postprocess_masks_torch(low_res, input_size, original_size, image_size)

@@ -6,6 +6,7 @@ from typing import Optional, Sequence
 import torch
 
 from lens_fast import ops
+from lens_fast._backend import as_tensor
 from lens_fast.rewards.batch import (
     RewardOutput,
     as_float,
@@ -40,7 +41,7 @@ def lens_reward(
       answer's first box (:func:`~lens_fast.rewards.parse_answer`), scaled by ``gt_size / policy_size``
       when those [B, 2] (height, width) sizes are given; no box scores 0.
     - ``pred_masks`` [B, G, H, W] (bool/uint8, or logits with foreground ``> mask_threshold``) against
-      ``gt_masks`` [B, H, W] (bool/uint8): IoU^2 in one fused ``ops.mask_iou`` call (``backend`` as
+      ``gt_masks`` [B, H, W] (bool/uint8), tensors or numpy arrays: IoU^2 in one fused ``ops.mask_iou`` call (``backend`` as
       there); a pair whose union is empty has IoU ``empty_mask_iou``.
     - ``cot=True`` adds ``format``: 1 when the completion starts with ``<think>…</think>`` then
       ``<answer>…</answer>`` (LENS's ``re.match``).
@@ -52,6 +53,7 @@ def lens_reward(
     if (pred_masks is None) != (gt_masks is None):
         raise ValueError("pred_masks and gt_masks go together: give both or neither")
     if pred_masks is not None:
+        pred_masks = as_tensor("pred_masks", pred_masks)
         device = pred_masks.device
     else:
         device = gt_boxes.device if isinstance(gt_boxes, torch.Tensor) else torch.device("cpu")
