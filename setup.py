@@ -74,6 +74,7 @@ setup(
     ],
     extras_require={
         "dev": [
+            "pybind11>=2.12",  # tests/test_build.py cross-compiles the sources
             "pytest>=8",
             "pytest-benchmark>=4",
             "hypothesis>=6.100",
