@@ -26,6 +26,27 @@ _MAX_PLANE = 1 << 31  # in-plane offsets are int32
 
 
 @jit
+def tile_foreground(
+    group_base, g_ok, gt_base, ys, xs, x_ok, height, pred_stride_row, gt_stride_row, threshold,
+    PRED_KIND: tl.constexpr,
+):  # fmt: skip
+    """Foreground of one tile: pred [GROUP_BLOCK, BLOCK_H, BLOCK_W] (masks at ``group_base``, those with
+    ``g_ok``) and gt [BLOCK_H, BLOCK_W], at rows ``ys`` and columns ``xs``; False outside the masks."""
+    in_plane = (ys < height)[:, None] & x_ok[None, :]
+    gt_tile = tl.load(gt_base + ys[:, None] * gt_stride_row + xs[None, :], mask=in_plane, other=0) != 0
+    in_masks = g_ok[:, None, None] & in_plane[None, :, :]
+    offsets = (ys[:, None] * pred_stride_row + xs[None, :])[None, :, :]
+    values = tl.load(group_base[:, None, None] + offsets, mask=in_masks, other=0)
+    if PRED_KIND == _BYTES:
+        fg = values != 0
+    else:
+        if PRED_KIND == _BFLOAT16_BITS:  # exact widening, also right for subnormals in the interpreter
+            values = (values.to(tl.int32) << 16).to(tl.float32, bitcast=True)
+        fg = (values.to(tl.float32) > threshold) & in_masks
+    return fg, gt_tile
+
+
+@jit
 def _mask_stats_tiles(
     pred_ptr, gt_ptr, partial_ptr, gt_partial_ptr,
     groups, height, width,
@@ -57,18 +78,10 @@ def _mask_stats_tiles(
         gt_count = 0
         for step in range(ROW_STEPS):
             ys = band_start + step * BLOCK_H + tl.arange(0, BLOCK_H)
-            in_plane = (ys < height)[:, None] & x_ok[None, :]
-            gt_tile = tl.load(gt_base + ys[:, None] * gt_stride_row + xs[None, :], mask=in_plane, other=0) != 0
+            fg, gt_tile = tile_foreground(
+                group_base, g_ok, gt_base, ys, xs, x_ok, height, pred_stride_row, gt_stride_row, threshold, PRED_KIND
+            )
             gt_count += tl.sum(tl.sum(gt_tile.to(tl.int32), axis=1), axis=0)
-            in_masks = g_ok[:, None, None] & in_plane[None, :, :]
-            offsets = (ys[:, None] * pred_stride_row + xs[None, :])[None, :, :]
-            values = tl.load(group_base[:, None, None] + offsets, mask=in_masks, other=0)
-            if PRED_KIND == _BYTES:
-                fg = values != 0
-            else:
-                if PRED_KIND == _BFLOAT16_BITS:  # exact widening, also right for subnormals in the interpreter
-                    values = (values.to(tl.int32) << 16).to(tl.float32, bitcast=True)
-                fg = (values.to(tl.float32) > threshold) & in_masks
             fg_int = fg.to(tl.int32)
             row_counts = tl.sum(fg_int, axis=2)  # [GROUP_BLOCK, BLOCK_H]
             area += tl.sum(row_counts, axis=1)
