@@ -276,3 +276,28 @@ def test_triton_kernel_compiles_for_cuda_without_gpu():
         assert "ld.global.v4.b32" in ptx
         assert "atom.global.gpu.acq_rel.add" in ptx and "atom.global.gpu.relaxed.add" in ptx
         assert "fma.rn.f32" not in ptx
+
+
+def test_lens_reward_runs_one_fused_call(rng, monkeypatch):
+    """With masks, lens_reward's numbers come from a single reward_iou call; the box component equals
+    the one computed without masks (box_iou_aligned), unparsable answers scoring 0."""
+    from lens_fast.rewards import lens_reward
+
+    texts = ["[1, 2, 30, 40]", "no box", "(3, 4, 20, 20)", "[5, 5, 5, 5]"] * 2
+    gt_boxes = [[0.0, 0, 30, 40], [2, 2, 25, 30]]
+    pred = random_pred(rng, (2, 4, 9, 13), torch.float32)
+    gt = random_gt(rng, (2, 9, 13))
+    calls = []
+    fused = ops.reward_iou
+    monkeypatch.setattr(ops, "reward_iou", lambda *a, **k: calls.append(k) or fused(*a, **k))
+    for name in ("mask_iou", "mask_stats", "box_iou_aligned"):
+        monkeypatch.setattr(ops, name, lambda *a, name=name, **k: pytest.fail(f"lens_reward called ops.{name}"))
+    out = lens_reward(texts, gt_boxes, pred_masks=pred, gt_masks=gt, backend="triton", policy_size=[[10, 20]] * 2,
+                      gt_size=[[20, 20]] * 2)  # fmt: skip
+    assert len(calls) == 1
+    monkeypatch.undo()
+    boxes_only = lens_reward(texts, gt_boxes, policy_size=[[10, 20]] * 2, gt_size=[[20, 20]] * 2)
+    assert torch.equal(out.components["box"], boxes_only.components["box"])
+    assert out.components["box"][1].item() == 0.0 and out.components["box"][0].item() > 0
+    mask_iou, _ = numpy_reward_iou(pred, gt, torch.zeros(2, 4, 4), torch.zeros(2, 4))
+    np.testing.assert_array_equal(out.components["mask"].numpy(), mask_iou.reshape(-1) ** 2)
