@@ -53,7 +53,7 @@ def _box_iou_or_zero(px1, py1, px2, py2, gx1, gy1, gx2, gy2):
     finite = _finite(px1) & _finite(py1) & _finite(px2) & _finite(py2)
     finite = finite & _finite(gx1) & _finite(gy1) & _finite(gx2) & _finite(gy2)
     ok = finite & (union > 0)
-    return tl.where(ok, inter / tl.where(ok, union, 1.0), 0.0)
+    return tl.where(ok, tl.div_rn(inter, tl.where(ok, union, 1.0)), 0.0)  # IEEE division, as torch
 
 
 @jit

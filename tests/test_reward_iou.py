@@ -250,7 +250,8 @@ def test_bad_inputs():
 @pytest.mark.skipif(not triton.__version__.startswith("3.8."), reason="triton.compile's signature API of 3.8")
 def test_triton_kernel_compiles_for_cuda_without_gpu():
     """The compiled path builds for sm_90 for each pred kind: vector loads, gpu-scope atomics with the
-    acq_rel arrival, and no contracted FMA in the box IoU (it rounds as torch's separate ops do)."""
+    acq_rel arrival, and neither contracted FMA nor approximate division in the box IoU (it rounds as
+    torch's separate ops do)."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -275,7 +276,7 @@ def test_triton_kernel_compiles_for_cuda_without_gpu():
         ptx = compiled.asm["ptx"]
         assert "ld.global.v4.b32" in ptx
         assert "atom.global.gpu.acq_rel.add" in ptx and "atom.global.gpu.relaxed.add" in ptx
-        assert "fma.rn.f32" not in ptx
+        assert "fma.rn.f32" not in ptx and "div.full.f32" not in ptx and "div.rn.f32" in ptx
 
 
 def test_lens_reward_runs_one_fused_call(rng, monkeypatch):
@@ -301,3 +302,17 @@ def test_lens_reward_runs_one_fused_call(rng, monkeypatch):
     assert out.components["box"][1].item() == 0.0 and out.components["box"][0].item() > 0
     mask_iou, _ = numpy_reward_iou(pred, gt, torch.zeros(2, 4, 4), torch.zeros(2, 4))
     np.testing.assert_array_equal(out.components["mask"].numpy(), mask_iou.reshape(-1) ** 2)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bool, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", [(8, 8, 480, 640), (3, 5, 1001, 37), (1, 16, 33, 47)], ids=lambda s: "x".join(map(str, s)))
+def test_cuda_matches_cpu(rng, dtype, shape):
+    """On a GPU the programs of a batch item run concurrently: repeated launches must all equal the C++ result."""
+    pred, gt, pred_boxes, gt_boxes = random_case(rng, shape, dtype)
+    want = ops.reward_iou(pred, gt, pred_boxes, gt_boxes, backend="cpu")
+    args = [t.cuda() for t in (pred, gt, pred_boxes, gt_boxes)]
+    for _ in range(20):
+        mask_iou, box_iou = ops.reward_iou(*args)
+        assert mask_iou.is_cuda and torch.equal(mask_iou.cpu(), want[0])
+        torch.testing.assert_close(box_iou.cpu(), want[1], rtol=0, atol=0)
