@@ -179,6 +179,20 @@ def tiling(shape: torch.Size, element_size: int, compiled: bool) -> Tiling:
     return Tiling(group_block, block_h, block_w, row_steps, mask_block, tile_block)
 
 
+def pred_operand(pred: torch.Tensor, gt: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """``pred`` [B, G, H, W] as the kernels read it (bf16 as its int16 bits) and its PRED_KIND; ValueError
+    when a mask plane exceeds the kernels' int32 in-plane offsets."""
+    height, width = pred.shape[-2:]
+    if max(height * pred.stride(2), height * gt.stride(1)) >= _MAX_PLANE:
+        raise ValueError(
+            f"pred: masks of {height} x {width} with row stride {pred.stride(2)} exceed the Triton kernel's "
+            "2**31 elements per mask; use backend='torch'"
+        )
+    if pred.dtype == torch.bfloat16:
+        return pred.view(torch.int16), _BFLOAT16_BITS.value
+    return pred, _BYTES.value if pred.dtype == torch.uint8 else _FLOAT.value
+
+
 def mask_stats(
     pred: torch.Tensor,
     gt: torch.Tensor,
@@ -194,15 +208,8 @@ def mask_stats(
     [B, G, H, W] (uint8 or fp32/fp16/bf16 logits) against ``gt`` [B, H, W] uint8, rows contiguous.
     ``launch`` overrides :func:`tiling` (tests run the GPU tiling under the interpreter)."""
     batch, groups, height, width = pred.shape
-    if max(height * pred.stride(2), height * gt.stride(1)) >= _MAX_PLANE:
-        raise ValueError(
-            f"pred: masks of {height} x {width} with row stride {pred.stride(2)} exceed the Triton kernel's "
-            "2**31 elements per mask; use backend='torch'"
-        )
     launch = launch or tiling(pred.shape, pred.element_size(), pred.is_cuda)
-    pred_kind = _BYTES.value if pred.dtype == torch.uint8 else _FLOAT.value
-    if pred.dtype == torch.bfloat16:
-        pred, pred_kind = pred.view(torch.int16), _BFLOAT16_BITS.value
+    pred, pred_kind = pred_operand(pred, gt)
     grid = (batch, triton.cdiv(height, launch.block_h * launch.row_steps), triton.cdiv(width, launch.block_w))
     n_tiles = grid[1] * grid[2]
     n_masks = batch * groups

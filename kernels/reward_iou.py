@@ -21,15 +21,7 @@ import triton
 import triton.language as tl
 
 from lens_fast.kernels.jit import jit
-from lens_fast.kernels.mask_stats import (
-    _BFLOAT16_BITS,
-    _BYTES,
-    _FLOAT,
-    _MAX_PLANE,
-    Tiling,
-    tile_foreground,
-    tiling,
-)
+from lens_fast.kernels.mask_stats import Tiling, pred_operand, tile_foreground, tiling
 
 _INF = tl.constexpr(float("inf"))
 
@@ -141,15 +133,8 @@ def reward_iou(
     ``launch`` overrides the tiling (tests run small tiles under the interpreter); its mask_block and
     tile_block are unused."""
     batch, groups, height, width = pred.shape
-    if max(height * pred.stride(2), height * gt.stride(1)) >= _MAX_PLANE:
-        raise ValueError(
-            f"pred: masks of {height} x {width} with row stride {pred.stride(2)} exceed the Triton kernel's "
-            "2**31 elements per mask; use backend='torch'"
-        )
     launch = launch or tiling(pred.shape, pred.element_size(), pred.is_cuda)
-    pred_kind = _BYTES.value if pred.dtype == torch.uint8 else _FLOAT.value
-    if pred.dtype == torch.bfloat16:
-        pred, pred_kind = pred.view(torch.int16), _BFLOAT16_BITS.value
+    pred, pred_kind = pred_operand(pred, gt)
     grid = (batch, triton.cdiv(height, launch.block_h * launch.row_steps), triton.cdiv(width, launch.block_w))
     n_masks = batch * groups
     workspace = torch.zeros(2 * n_masks + 2 * batch, dtype=torch.int32, device=pred.device)
