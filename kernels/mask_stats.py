@@ -26,6 +26,27 @@ _MAX_PLANE = 1 << 31  # in-plane offsets are int32
 
 
 @jit
+def tile_foreground(
+    group_base, g_ok, gt_base, ys, xs, x_ok, height, pred_stride_row, gt_stride_row, threshold,
+    PRED_KIND: tl.constexpr,
+):  # fmt: skip
+    """Foreground of one tile: pred [GROUP_BLOCK, BLOCK_H, BLOCK_W] (masks at ``group_base``, those with
+    ``g_ok``) and gt [BLOCK_H, BLOCK_W], at rows ``ys`` and columns ``xs``; False outside the masks."""
+    in_plane = (ys < height)[:, None] & x_ok[None, :]
+    gt_tile = tl.load(gt_base + ys[:, None] * gt_stride_row + xs[None, :], mask=in_plane, other=0) != 0
+    in_masks = g_ok[:, None, None] & in_plane[None, :, :]
+    offsets = (ys[:, None] * pred_stride_row + xs[None, :])[None, :, :]
+    values = tl.load(group_base[:, None, None] + offsets, mask=in_masks, other=0)
+    if PRED_KIND == _BYTES:
+        fg = values != 0
+    else:
+        if PRED_KIND == _BFLOAT16_BITS:  # exact widening, also right for subnormals in the interpreter
+            values = (values.to(tl.int32) << 16).to(tl.float32, bitcast=True)
+        fg = (values.to(tl.float32) > threshold) & in_masks
+    return fg, gt_tile
+
+
+@jit
 def _mask_stats_tiles(
     pred_ptr, gt_ptr, partial_ptr, gt_partial_ptr,
     groups, height, width,
@@ -57,18 +78,10 @@ def _mask_stats_tiles(
         gt_count = 0
         for step in range(ROW_STEPS):
             ys = band_start + step * BLOCK_H + tl.arange(0, BLOCK_H)
-            in_plane = (ys < height)[:, None] & x_ok[None, :]
-            gt_tile = tl.load(gt_base + ys[:, None] * gt_stride_row + xs[None, :], mask=in_plane, other=0) != 0
+            fg, gt_tile = tile_foreground(
+                group_base, g_ok, gt_base, ys, xs, x_ok, height, pred_stride_row, gt_stride_row, threshold, PRED_KIND
+            )
             gt_count += tl.sum(tl.sum(gt_tile.to(tl.int32), axis=1), axis=0)
-            in_masks = g_ok[:, None, None] & in_plane[None, :, :]
-            offsets = (ys[:, None] * pred_stride_row + xs[None, :])[None, :, :]
-            values = tl.load(group_base[:, None, None] + offsets, mask=in_masks, other=0)
-            if PRED_KIND == _BYTES:
-                fg = values != 0
-            else:
-                if PRED_KIND == _BFLOAT16_BITS:  # exact widening, also right for subnormals in the interpreter
-                    values = (values.to(tl.int32) << 16).to(tl.float32, bitcast=True)
-                fg = (values.to(tl.float32) > threshold) & in_masks
             fg_int = fg.to(tl.int32)
             row_counts = tl.sum(fg_int, axis=2)  # [GROUP_BLOCK, BLOCK_H]
             area += tl.sum(row_counts, axis=1)
@@ -166,6 +179,20 @@ def tiling(shape: torch.Size, element_size: int, compiled: bool) -> Tiling:
     return Tiling(group_block, block_h, block_w, row_steps, mask_block, tile_block)
 
 
+def pred_operand(pred: torch.Tensor, gt: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """``pred`` [B, G, H, W] as the kernels read it (bf16 as its int16 bits) and its PRED_KIND; ValueError
+    when a mask plane exceeds the kernels' int32 in-plane offsets."""
+    height, width = pred.shape[-2:]
+    if max(height * pred.stride(2), height * gt.stride(1)) >= _MAX_PLANE:
+        raise ValueError(
+            f"pred: masks of {height} x {width} with row stride {pred.stride(2)} exceed the Triton kernel's "
+            "2**31 elements per mask; use backend='torch'"
+        )
+    if pred.dtype == torch.bfloat16:
+        return pred.view(torch.int16), _BFLOAT16_BITS.value
+    return pred, _BYTES.value if pred.dtype == torch.uint8 else _FLOAT.value
+
+
 def mask_stats(
     pred: torch.Tensor,
     gt: torch.Tensor,
@@ -181,15 +208,8 @@ def mask_stats(
     [B, G, H, W] (uint8 or fp32/fp16/bf16 logits) against ``gt`` [B, H, W] uint8, rows contiguous.
     ``launch`` overrides :func:`tiling` (tests run the GPU tiling under the interpreter)."""
     batch, groups, height, width = pred.shape
-    if max(height * pred.stride(2), height * gt.stride(1)) >= _MAX_PLANE:
-        raise ValueError(
-            f"pred: masks of {height} x {width} with row stride {pred.stride(2)} exceed the Triton kernel's "
-            "2**31 elements per mask; use backend='torch'"
-        )
     launch = launch or tiling(pred.shape, pred.element_size(), pred.is_cuda)
-    pred_kind = _BYTES.value if pred.dtype == torch.uint8 else _FLOAT.value
-    if pred.dtype == torch.bfloat16:
-        pred, pred_kind = pred.view(torch.int16), _BFLOAT16_BITS.value
+    pred, pred_kind = pred_operand(pred, gt)
     grid = (batch, triton.cdiv(height, launch.block_h * launch.row_steps), triton.cdiv(width, launch.block_w))
     n_tiles = grid[1] * grid[2]
     n_masks = batch * groups

@@ -5,6 +5,7 @@ See ``lens_fast._backend`` for the ``backend`` argument.
 from lens_fast.ops.box_iou import box_iou, box_iou_aligned
 from lens_fast.ops.mask_stats import MaskStats, mask_iou, mask_stats
 from lens_fast.ops.postprocess_masks import postprocess_mask_stats, postprocess_masks
+from lens_fast.ops.reward_iou import reward_iou
 
 __all__ = [
     "MaskStats",
@@ -14,4 +15,5 @@ __all__ = [
     "mask_stats",
     "postprocess_mask_stats",
     "postprocess_masks",
+    "reward_iou",
 ]

@@ -11,7 +11,8 @@ import torch
 from lens_fast._backend import as_tensor, check_same_device
 
 
-def _check_boxes(name: str, boxes: object) -> torch.Tensor:
+def check_boxes(name: str, boxes: object) -> torch.Tensor:
+    """``boxes`` as a tensor of real coordinates, shape [..., 4]; TypeError/ValueError naming ``name``."""
     boxes = as_tensor(name, boxes)
     if boxes.dtype == torch.bool or boxes.is_complex():
         raise TypeError(f"{name} must hold real (integer or float) coordinates, got {boxes.dtype}")
@@ -34,7 +35,7 @@ def _area(boxes: torch.Tensor) -> torch.Tensor:
     return (boxes[..., 2] - boxes[..., 0]).clamp(min=0) * (boxes[..., 3] - boxes[..., 1]).clamp(min=0)
 
 
-def _iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
+def aligned_iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
     """IoU of broadcast-compatible ``boxes1`` [..., 4] and ``boxes2`` [..., 4] (float tensors)."""
     lt = torch.maximum(boxes1[..., :2], boxes2[..., :2])
     rb = torch.minimum(boxes1[..., 2:], boxes2[..., 2:])
@@ -46,21 +47,21 @@ def _iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
 
 def box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
     """Pairwise IoU of ``boxes1`` [N, 4] and ``boxes2`` [M, 4] (xyxy): [N, M] float32/float64."""
-    boxes1 = _check_boxes("boxes1", boxes1)
-    boxes2 = _check_boxes("boxes2", boxes2)
+    boxes1 = check_boxes("boxes1", boxes1)
+    boxes2 = check_boxes("boxes2", boxes2)
     for name, boxes in (("boxes1", boxes1), ("boxes2", boxes2)):
         if boxes.dim() != 2:
             raise ValueError(f"{name} must be [N, 4], got shape {tuple(boxes.shape)}")
     check_same_device(boxes1=boxes1, boxes2=boxes2)
     _check_finite(boxes1=boxes1, boxes2=boxes2)
     dtype = _compute_dtype(boxes1, boxes2)
-    return _iou(boxes1.to(dtype)[:, None, :], boxes2.to(dtype)[None, :, :])
+    return aligned_iou(boxes1.to(dtype)[:, None, :], boxes2.to(dtype)[None, :, :])
 
 
 def box_iou_aligned(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
     """Elementwise IoU of ``boxes1`` [..., 4] and ``boxes2`` [..., 4] (xyxy, broadcast): [...]."""
-    boxes1 = _check_boxes("boxes1", boxes1)
-    boxes2 = _check_boxes("boxes2", boxes2)
+    boxes1 = check_boxes("boxes1", boxes1)
+    boxes2 = check_boxes("boxes2", boxes2)
     try:
         torch.broadcast_shapes(boxes1.shape, boxes2.shape)
     except RuntimeError:
@@ -70,4 +71,4 @@ def box_iou_aligned(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
     check_same_device(boxes1=boxes1, boxes2=boxes2)
     _check_finite(boxes1=boxes1, boxes2=boxes2)
     dtype = _compute_dtype(boxes1, boxes2)
-    return _iou(boxes1.to(dtype), boxes2.to(dtype))
+    return aligned_iou(boxes1.to(dtype), boxes2.to(dtype))

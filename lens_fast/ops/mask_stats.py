@@ -72,7 +72,7 @@ def foreground(pred: torch.Tensor, threshold: float) -> torch.Tensor:
     return pred != 0
 
 
-def _real(name: str, value: object) -> float:
+def real_number(name: str, value: object) -> float:
     """``value`` as a Python float (ints beyond the float range become +-inf); TypeError otherwise."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
@@ -85,7 +85,7 @@ def _real(name: str, value: object) -> float:
 def check_threshold(threshold: object, pred_dtype: torch.dtype = torch.float32) -> float:
     """``threshold`` rounded to float32 (the precision every backend compares in); TypeError for a
     non-real, ValueError for NaN or for a nonzero threshold on bool/uint8 ``pred_dtype``."""
-    threshold = _real("threshold", threshold)
+    threshold = real_number("threshold", threshold)
     if math.isnan(threshold):
         raise ValueError("threshold must not be NaN")
     if pred_dtype not in FLOAT_DTYPES and threshold != 0:
@@ -96,7 +96,8 @@ def check_threshold(threshold: object, pred_dtype: torch.dtype = torch.float32) 
     return torch.tensor(threshold, dtype=torch.float64).to(torch.float32).item()
 
 
-def _check_inputs(pred: object, gt: object) -> tuple[torch.Tensor, torch.Tensor]:
+def check_mask_inputs(pred: object, gt: object) -> tuple[torch.Tensor, torch.Tensor]:
+    """``pred`` [..., G, H, W] and ``gt`` [..., H, W] as tensors of supported dtypes, shapes and one device."""
     pred = as_tensor("pred", pred)
     gt = as_tensor("gt", gt)
     if pred.dtype not in PRED_DTYPES:
@@ -162,15 +163,22 @@ def mask_stats_cpu(pred: torch.Tensor, gt: torch.Tensor, threshold: float, *, us
     return out
 
 
-def _mask_stats_triton(pred: torch.Tensor, gt: torch.Tensor, threshold: float) -> MaskStats:
-    """The Triton kernel on valid, non-empty inputs (CUDA, or CPU under the interpreter)."""
-    from lens_fast.kernels import mask_stats as kernel
-
+def triton_views(pred: torch.Tensor, gt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``pred`` as [B, G, H, W] and ``gt`` as [B, H, W] with contiguous rows, bool viewed as uint8:
+    the layout the Triton kernels read."""
     groups, height, width = pred.shape[-3:]
     if pred.dtype == torch.bool:
         pred = pred.view(torch.uint8)
     pred4 = rows_view(pred, (-1, groups, height, width))
     gt3 = rows_view(gt.view(torch.uint8) if gt.dtype == torch.bool else gt, (-1, height, width))
+    return pred4, gt3
+
+
+def _mask_stats_triton(pred: torch.Tensor, gt: torch.Tensor, threshold: float) -> MaskStats:
+    """The Triton kernel on valid, non-empty inputs (CUDA, or CPU under the interpreter)."""
+    from lens_fast.kernels import mask_stats as kernel
+
+    pred4, gt3 = triton_views(pred, gt)
     out = _new_stats(pred.shape[:-2], pred.device)
     with torch.cuda.device(pred.device) if pred.is_cuda else contextlib.nullcontext():
         kernel.mask_stats(pred4, gt3, threshold, *out)
@@ -188,7 +196,7 @@ def mask_stats(
     :class:`MaskStats` (int64 counts [..., G], gt_area [...], float32 inclusive xyxy boxes
     [..., G, 4], zeros when empty). ``backend``: see :mod:`lens_fast._backend`.
     """
-    pred, gt = _check_inputs(pred, gt)
+    pred, gt = check_mask_inputs(pred, gt)
     threshold = check_threshold(threshold, pred.dtype)
     backend = resolve_backend(backend, pred.device)
     if pred.numel() == 0:
@@ -211,7 +219,11 @@ def mask_iou(
 
     Arguments as :func:`mask_stats`; a pair whose union is empty scores ``empty``.
     """
-    empty = _real("empty", empty)
-    stats = mask_stats(pred, gt, threshold=threshold, backend=backend)
+    empty = real_number("empty", empty)
+    return iou_of_stats(mask_stats(pred, gt, threshold=threshold, backend=backend), empty)
+
+
+def iou_of_stats(stats: MaskStats, empty: float) -> torch.Tensor:
+    """float32 intersection / union of ``stats`` (divided in float64), ``empty`` where the union is 0."""
     ratio = stats.intersection.double() / stats.union.clamp(min=1).double()
     return torch.where(stats.union > 0, ratio, empty).float()

@@ -41,8 +41,9 @@ def lens_reward(
       answer's first box (:func:`~lens_fast.rewards.parse_answer`), scaled by ``gt_size / policy_size``
       when those [B, 2] (height, width) sizes are given; no box scores 0.
     - ``pred_masks`` [B, G, H, W] (bool/uint8, or logits with foreground ``> mask_threshold``) against
-      ``gt_masks`` [B, H, W] (bool/uint8), tensors or numpy arrays: IoU^2 in one fused ``ops.mask_iou`` call (``backend`` as
-      there); a pair whose union is empty has IoU ``empty_mask_iou``.
+      ``gt_masks`` [B, H, W] (bool/uint8), tensors or numpy arrays: IoU^2. With masks, the box and mask IoUs of
+      the whole batch come from one ``ops.reward_iou`` call (one kernel launch on CUDA; ``backend`` as there);
+      a pair whose union is empty has mask IoU ``empty_mask_iou``.
     - ``cot=True`` adds ``format``: 1 when the completion starts with ``<think>…</think>`` then
       ``<answer>…</answer>`` (LENS's ``re.match``).
 
@@ -61,20 +62,26 @@ def lens_reward(
     num_prompts = gt.shape[0]
     groups = group_size(len(texts), num_prompts)
 
-    boxes, valid = pack_boxes([answer.box for answer in parse_all(texts)], device)
-    scale = frame_scale(policy_size, gt_size, num_prompts, device)
+    # Predicted boxes are packed and scaled on the CPU and moved once: the device runs only the fused op.
+    cpu = torch.device("cpu")
+    boxes, valid = pack_boxes([answer.box for answer in parse_all(texts)], cpu)
+    scale = frame_scale(policy_size, gt_size, num_prompts, cpu)
     boxes = scale_boxes(boxes.view(num_prompts, groups, 4), None if scale is None else scale[:, None])
-    box_iou = ops.box_iou_aligned(boxes, gt[:, None]).reshape(-1)
-    components = {"box": torch.where(valid, box_iou, 0.0).square()}
 
-    if pred_masks is not None:
+    if pred_masks is None:
+        box_iou = ops.box_iou_aligned(boxes.to(device), gt[:, None]).reshape(-1)
+        components = {"box": torch.where(valid.to(device), box_iou, 0.0).square()}
+    else:
         if pred_masks.dim() != 4 or tuple(pred_masks.shape[:2]) != (num_prompts, groups):
             raise ValueError(
                 f"pred_masks must be [B, G, H, W] = [{num_prompts}, {groups}, H, W] for {len(texts)} completions "
                 f"and {num_prompts} ground-truth boxes, got shape {tuple(pred_masks.shape)}"
             )
-        mask_iou = ops.mask_iou(pred_masks, gt_masks, threshold=mask_threshold, empty=empty_mask_iou, backend=backend)
-        components["mask"] = mask_iou.reshape(-1).square()
+        boxes = torch.where(valid.view(num_prompts, groups, 1), boxes, float("nan")).to(device)  # NaN: no box
+        mask_iou, box_iou = ops.reward_iou(
+            pred_masks, gt_masks, boxes, gt, threshold=mask_threshold, empty=empty_mask_iou, backend=backend
+        )
+        components = {"box": box_iou.reshape(-1).square(), "mask": mask_iou.reshape(-1).square()}
     if cot:
         components["format"] = as_float([think_answer_format(t, strict=False) for t in texts], device)
     return total(components)
