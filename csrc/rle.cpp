@@ -238,60 +238,128 @@ inline void fill_run(uint8_t* p, const uint8_t* end, int value, uint32_t count) 
 // Masks of at least this many pixels are written with non-temporal stores.
 constexpr size_t kStreamPixels = size_t(1) << 20;
 
-// ---- row sweep: rows 1..h-1 of a row-major mask from row 0 and the columns flipped in each row
-// (row r flips columns starts[begin[r], end[r]))
+// ---- row sweep: a row-major mask row by row, each row the row above with the pixels where a run
+// starts flipped.
 
-void sweep_rows_scalar(uint8_t* out, uint32_t h, uint32_t w, const uint32_t* begin,
-                       const uint32_t* end, const uint32_t* starts) {
+// A grow-only buffer of zeros: every user puts back each zero it changes before it returns.
+template <typename T>
+class ZeroScratch {
+ public:
+  T* get(size_t n) {
+    if (n > capacity_) {
+      data_.reset(new T[n]());
+      capacity_ = n;
+    }
+    return data_.get();
+  }
+
+ private:
+  std::unique_ptr<T[]> data_;
+  size_t capacity_ = 0;
+};
+
+// The rows of an h x w mask as bits, 32 pixels a word, `stride` words a row (a multiple of 8):
+// row0 holds row 0 (zero past w), and flips[y * stride + c] (y >= 1) has bit b set when pixel (y, 32 * c + b)
+// differs from the pixel above it. The sweeps write the mask and hand flips back all zero.
+struct RowBits {
+  uint32_t stride;
+  const uint32_t* row0;
+  uint32_t* flips;
+};
+
+void sweep_rows_scalar(uint8_t* out, uint32_t h, uint32_t w, const RowBits& rows) {
+  for (uint32_t x = 0; x < w; ++x) out[x] = uint8_t((rows.row0[x / 32] >> (x % 32)) & 1);
   for (uint32_t r = 1; r < h; ++r) {
     uint8_t* row = out + size_t(r) * w;
     std::memcpy(row, row - w, w);
-    for (uint32_t e = begin[r]; e < end[r]; ++e) row[starts[e]] ^= 1;
+    uint32_t* flips = rows.flips + size_t(r) * rows.stride;
+    for (uint32_t c = 0; c < rows.stride; ++c) {
+      for (uint32_t bits = flips[c]; bits; bits &= bits - 1) row[32 * c + uint32_t(__builtin_ctz(bits))] ^= 1;
+      flips[c] = 0;
+    }
   }
 }
 
 #if LENS_FAST_X86
-// Bytes (0/1) of the 32 pixels whose bits are `bits`: byte i takes bit i % 8 of byte i / 8.
-LENS_FAST_TARGET_AVX2 inline __m256i expand_bits(uint32_t bits) {
+// Bytes (0/1) of 32 pixels from their bits, broadcast to every 32-bit lane of `lanes`: byte i
+// takes bit i % 8 of byte i / 8.
+LENS_FAST_TARGET_AVX2 inline __m256i expand_lanes(__m256i lanes) {
   const __m256i spread = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,  //
                                           2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
   const __m256i bit = _mm256_set1_epi64x(int64_t(0x8040201008040201));
-  const __m256i group = _mm256_shuffle_epi8(_mm256_set1_epi32(int32_t(bits)), spread);
-  return _mm256_min_epu8(_mm256_and_si256(group, bit), _mm256_set1_epi8(1));
+  return _mm256_min_epu8(_mm256_and_si256(_mm256_shuffle_epi8(lanes, spread), bit), _mm256_set1_epi8(1));
 }
 
-// The row lives in a bitset (a flip is one 64-bit xor) and is expanded to bytes 32 at a time, so
-// no vector load ever reads a byte just stored (which stalls store forwarding).
-LENS_FAST_TARGET_AVX2 void sweep_rows_avx2(uint8_t* out, uint32_t h, uint32_t w,
-                                           const uint32_t* begin, const uint32_t* end,
-                                           const uint32_t* starts) {
-  thread_local Scratch<uint64_t> bits_buffer;
-  const uint32_t words = (w + 63) / 64;
-  uint64_t* bits = bits_buffer.get(words + 1);
-  std::memset(bits, 0, sizeof(uint64_t) * (words + 1));
-  auto* bits32 = reinterpret_cast<uint32_t*>(bits);
-  uint32_t x0 = 0;
-  for (; x0 + 32 <= w; x0 += 32) {  // row 0's bytes -> bits, 32 at a time
-    const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(out + x0));
-    bits32[x0 / 32] = ~uint32_t(_mm256_movemask_epi8(_mm256_cmpeq_epi8(bytes, _mm256_setzero_si256())));
+LENS_FAST_TARGET_AVX2 inline void store_bytes(uint8_t* p, __m256i v, bool stream) {
+  if (stream) {
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(p), v);
+  } else {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), v);
   }
-  for (; x0 < w; ++x0) bits[x0 / 64] |= uint64_t(out[x0]) << (x0 % 64);
-  // Large masks are written around the caches (non-temporal stores): no read for ownership of
-  // lines about to be overwritten, and the caches are left to whoever reads the mask next.
-  const bool stream = size_t(h) * w >= kStreamPixels;
-  for (uint32_t r = 1; r < h; ++r) {
-    for (uint32_t e = begin[r]; e < end[r]; ++e) bits[starts[e] / 64] ^= uint64_t(1) << (starts[e] % 64);
-    uint8_t* row = out + size_t(r) * w;
-    uint32_t x = 0;
-    if (stream && reinterpret_cast<uintptr_t>(row) % 32 == 0) {
-      for (; x + 32 <= w; x += 32) {
-        _mm256_stream_si256(reinterpret_cast<__m256i*>(row + x), expand_bits(bits32[x / 32]));
+}
+
+// Columns [256 * c0 / 8, 256 * (c0 / 8 + K)) of the mask (words c0 .. c0 + 8K of a row of bits), row
+// by row: that part of the current row lives in K registers; each row flips them (K loads of
+// flips, stored long before, so no load waits for a store) and is expanded from them, 32 bytes a
+// store, never read back.
+template <int K>
+LENS_FAST_TARGET_AVX2 void sweep_stripe(uint8_t* out, uint32_t h, uint32_t w, const RowBits& rows, uint32_t c0,
+                                        bool stream) {
+  const uint32_t chunks = w / 32;
+  __m256i bits[K];
+  for (int j = 0; j < K; ++j) bits[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows.row0 + c0) + j);
+  for (uint32_t r = 0; r < h; ++r) {
+    if (r > 0) {
+      auto* flips = reinterpret_cast<__m256i*>(rows.flips + size_t(r) * rows.stride + c0);
+      for (int j = 0; j < K; ++j) {
+        bits[j] = _mm256_xor_si256(bits[j], _mm256_loadu_si256(flips + j));
+        _mm256_storeu_si256(flips + j, _mm256_setzero_si256());
       }
     }
-    for (; x + 32 <= w; x += 32) {
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(row + x), expand_bits(bits32[x / 32]));
+    uint8_t* row = out + size_t(r) * w + 32 * c0;
+    for (int j = 0; j < K; ++j) {
+      const uint32_t n = std::min<uint32_t>(8, chunks - std::min<uint32_t>(chunks, c0 + 8 * j));  // full chunks
+      for (uint32_t k = 0; k < n; ++k) {
+        const __m256i lanes = _mm256_permutevar8x32_epi32(bits[j], _mm256_set1_epi32(int32_t(k)));
+        store_bytes(row + 256 * j + 32 * k, expand_lanes(lanes), stream);
+      }
     }
-    for (; x < w; ++x) row[x] = uint8_t((bits[x / 64] >> (x % 64)) & 1);
+  }
+}
+
+// Up to 1024 columns are swept in one pass (rows written in order), wider masks in passes of 1024
+// columns. A column tail (w not a multiple of 32) is written first, 32 bytes ending at w per row,
+// before the passes rewrite the bytes it shares with them.
+LENS_FAST_TARGET_AVX2 void sweep_rows_avx2(uint8_t* out, uint32_t h, uint32_t w, const RowBits& rows) {
+  const uint32_t stride = rows.stride;
+  if (w < 32) {
+    sweep_rows_scalar(out, h, w, rows);
+    return;
+  }
+  // Large masks are written around the caches (non-temporal stores): no read for ownership of
+  // lines about to be overwritten, and the caches are left to whoever reads the mask next.
+  const bool stream =
+      size_t(h) * w >= kStreamPixels && w % 32 == 0 && reinterpret_cast<uintptr_t>(out) % 32 == 0;
+  if (w % 32 != 0) {
+    // Pixels [w - 32, w): 32 of the 64 bits in words c and c + 1 (zero past the row).
+    const uint32_t first = w - 32, c = first / 32, shift = first % 32;
+    auto window = [&](const uint32_t* words) {
+      const uint64_t high = c + 1 < stride ? words[c + 1] : 0;
+      return uint32_t(((high << 32) | words[c]) >> shift);
+    };
+    uint32_t bits = window(rows.row0);
+    for (uint32_t r = 0; r < h; ++r) {
+      if (r > 0) bits ^= window(rows.flips + size_t(r) * stride);
+      store_bytes(out + size_t(r) * w + first, expand_lanes(_mm256_set1_epi32(int32_t(bits))), false);
+    }
+  }
+  uint32_t c0 = 0;
+  for (; c0 + 32 <= stride; c0 += 32) sweep_stripe<4>(out, h, w, rows, c0, stream);
+  switch ((stride - c0) / 8) {
+    case 1: sweep_stripe<1>(out, h, w, rows, c0, stream); break;
+    case 2: sweep_stripe<2>(out, h, w, rows, c0, stream); break;
+    case 3: sweep_stripe<3>(out, h, w, rows, c0, stream); break;
+    default: break;
   }
   _mm_sfence();
 }
@@ -689,46 +757,51 @@ void decode_row_major(const RleView& rle, uint8_t* out) {
     column_to_row_major(tmp, h, w, out);
     return;
   }
-  thread_local Scratch<uint32_t> rows_buffer, events_buffer, starts_buffer;
-  // One walk over the run starts (pixel p is 1 when an odd number of run starts are <= p) writes
-  // row 0 (each column's first pixel) and records the starts in rows y > 0 as (y, x) events.
-  uint32_t* row_next = rows_buffer.get(size_t(h) + 1);
-  std::memset(row_next, 0, sizeof(uint32_t) * (size_t(h) + 1));
-  uint32_t* per_row = row_next + 1;
+  // One walk over the run starts marks them in flips (row 0's too), and in `parity` (32 columns
+  // a word) the columns holding an odd number of them.
+  thread_local ZeroScratch<uint32_t> flips_buffer;
+  thread_local Scratch<uint32_t> parity_buffer, row0_buffer;
+  const uint32_t stride = (w + 255) / 256 * 8;
+  uint32_t* flips = flips_buffer.get(size_t(h) * stride);
+  uint32_t* parity = parity_buffer.get(stride);
+  std::memset(parity, 0, sizeof(uint32_t) * stride);
   const size_t n_starts = rle.m > 0 ? rle.m - 1 : 0;
-  uint32_t* events = events_buffer.get(2 * std::max<size_t>(n_starts, 1));
-  size_t n_events = 0;
   const DivideBy by_h(h);
-  uint32_t position = 0, next_column = 0;
-  uint8_t value = 0;
+  uint32_t position = 0, word = 0, word_parity = 0;  // parity of the starts in columns of `word`
   for (size_t k = 0; k < n_starts; ++k) {
     position += rle.counts[k];
     if (position >= pixels) break;  // zero-length runs at the very end
     const uint32_t x = by_h(position), y = position - x * h;
-    const uint32_t columns_before = y > 0 ? x + 1 : x;  // columns starting before this run
-    for (; next_column < columns_before; ++next_column) out[next_column] = value;
-    value ^= 1;
-    if (y > 0) {
-      ++per_row[y];
-      events[2 * n_events] = y;
-      events[2 * n_events + 1] = x;
-      ++n_events;
+    const uint32_t c = x / 32, bit = uint32_t(1) << (x % 32);
+    flips[size_t(y) * stride + c] ^= bit;
+    if (c != word) {  // starts come in column order
+      parity[word] = word_parity;
+      word = c;
+      word_parity = 0;
     }
+    word_parity ^= bit;
   }
-  for (; next_column < w; ++next_column) out[next_column] = value;
-  // Counting sort of the events by row.
-  uint32_t slot = 0;
-  for (uint32_t r = 0; r < h; ++r) {
-    const uint32_t n = per_row[r];
-    per_row[r] = slot;
-    slot += n;
+  parity[word] = word_parity;
+  // Row 0: pixel (0, x) is 1 when the columns before x hold an odd number of run starts, flipped
+  // by a start at (0, x) itself.
+  uint32_t* row0 = row0_buffer.get(stride);
+  uint32_t odd_before = 0;  // all ones when the words before hold an odd number of starts
+  for (uint32_t c = 0; c < stride; ++c) {
+    const uint32_t v = parity[c];
+    uint32_t prefix = v ^ (v << 1);  // bit b: parity of bits 0..b of v
+    prefix ^= prefix << 2;
+    prefix ^= prefix << 4;
+    prefix ^= prefix << 8;
+    prefix ^= prefix << 16;
+    row0[c] = prefix ^ v ^ odd_before ^ flips[c];
+    odd_before ^= uint32_t(0) - (prefix >> 31);
+    flips[c] = 0;
   }
-  uint32_t* starts_by_row = starts_buffer.get(std::max<size_t>(n_events, 1));
-  for (size_t e = 0; e < n_events; ++e) starts_by_row[per_row[events[2 * e]]++] = events[2 * e + 1];
-  // Rows y > 0: row y - 1 with the columns where a run starts flipped.
-  // per_row[y] is now the end of row y's starts, row_next[y] = per_row[y - 1] its beginning.
+  const uint32_t words = (w + 31) / 32;  // the carry set every bit past w: clear them
+  if (w % 32 != 0) row0[words - 1] &= (uint32_t(1) << (w % 32)) - 1;
+  for (uint32_t c = words; c < stride; ++c) row0[c] = 0;
   const auto sweep_rows = LENS_FAST_DISPATCH(sweep_rows_avx2, sweep_rows_scalar);
-  sweep_rows(out, h, w, row_next, per_row, starts_by_row);
+  sweep_rows(out, h, w, RowBits{stride, row0, flips});
 }
 
 // ---- measures

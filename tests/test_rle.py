@@ -197,6 +197,20 @@ def test_decode_masks_large(rng, h, w):
     np.testing.assert_array_equal(rle.decode_masks(coco_encode(masks)).numpy(), masks)
 
 
+@pytest.mark.parametrize("simd", [True, False])
+def test_decode_masks_row_sweep_widths(rng, simd):
+    """The row sweep at widths around its 32-pixel chunks and 256-column registers, sizes changing
+    from call to call (its scratch buffers are reused)."""
+    C = _backend.native()
+    C.rle_set_simd(simd)
+    try:
+        for h, w in [(40, 640), (9, 32), (33, 255), (17, 257), (12, 800), (5, 1100), (40, 640), (3, 2100), (50, 31)]:
+            masks = np.concatenate([smooth_masks(rng, 3, h, w), special_masks(h, w)])
+            np.testing.assert_array_equal(rle.decode_masks(coco_encode(masks)).numpy(), masks, err_msg=f"{h}x{w}")
+    finally:
+        C.rle_set_simd(True)
+
+
 @pytest.mark.parametrize("h,w", [(1, 1), (1, 7), (7, 1), (20, 33), (64, 64)])
 def test_round_trips(rng, h, w):
     masks = all_masks(rng, h, w)
