@@ -12,6 +12,8 @@ import triton
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from mask_cases import EDGE_CASES, edge_case_masks
+
 import lens_fast
 from lens_fast import ops
 from lens_fast.ops.mask_stats import mask_stats_torch
@@ -105,22 +107,11 @@ def test_random_masks_match_numpy_and_torch(rng, backend, dtype, shape):
         assert torch.equal(got, want)
 
 
-@pytest.mark.parametrize("case", ["empty_pred", "empty_gt", "both_empty", "full", "one_pixel"])
+@pytest.mark.parametrize("case", EDGE_CASES)
 @pytest.mark.parametrize("dtype", [torch.uint8, torch.float32], ids=str)
 def test_edge_masks(backend, case, dtype):
     h, w = 5, 7
-    pred = torch.zeros(2, 3, h, w, dtype=torch.bool)
-    gt = torch.zeros(2, h, w, dtype=torch.bool)
-    if case == "empty_pred":
-        gt[:, 1:3, 2:6] = True
-    elif case == "empty_gt":
-        pred[:, :, 1:4, 2:3] = True
-    elif case == "full":
-        pred[:] = True
-        gt[:] = True
-    elif case == "one_pixel":
-        pred[:, :, h - 1, w - 1] = True
-        gt[:, 0, 0] = True
+    pred, gt = edge_case_masks(case, h, w)
     pred = pred.to(dtype) if dtype == torch.uint8 else torch.where(pred, 3.0, -3.0)
     stats = ops.mask_stats(pred, gt, backend=backend)
     assert_stats(stats, pred, gt)

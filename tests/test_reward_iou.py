@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import triton
+from mask_cases import EDGE_CASES, edge_case_masks
 from test_box_iou import numpy_iou
 from test_mask_stats import DTYPES, FLOATS, numpy_stats, random_gt, random_pred
 
@@ -99,22 +100,11 @@ def test_triton_gpu_tiling_under_interpreter(rng, dtype):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("case", ["empty_pred", "empty_gt", "both_empty", "full", "one_pixel"])
+@pytest.mark.parametrize("case", EDGE_CASES)
 @pytest.mark.parametrize("dtype", [torch.bool, torch.float32], ids=str)
 def test_edge_masks(backend, case, dtype):
     h, w = 5, 7
-    pred = torch.zeros(2, 3, h, w, dtype=torch.bool)
-    gt = torch.zeros(2, h, w, dtype=torch.bool)
-    if case == "empty_pred":
-        gt[:, 1:3, 2:6] = True
-    elif case == "empty_gt":
-        pred[:, :, 1:4, 2:3] = True
-    elif case == "full":
-        pred[:] = True
-        gt[:] = True
-    elif case == "one_pixel":
-        pred[:, :, h - 1, w - 1] = True
-        gt[:, 0, 0] = True
+    pred, gt = edge_case_masks(case, h, w)
     pred = pred if dtype == torch.bool else torch.where(pred, 3.0, -3.0)
     boxes = torch.tensor([0.0, 0, w, h])
     for empty in (1.0, 0.0, 0.25):
