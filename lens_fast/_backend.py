@@ -1,8 +1,9 @@
 """Backend selection and the native extension.
 
 Every public op takes ``backend``: ``None`` picks Triton for CUDA tensors, C++ for CPU tensors and
-the PyTorch reference on any other device (meta, mps, ...), ``"triton"`` forces the Triton kernel (CPU tensors run under Triton's interpreter), ``"cpu"`` the C++
-kernel, ``"torch"`` the plain PyTorch reference.
+the PyTorch reference on any other device (meta, mps, ...); ``"triton"`` forces the Triton kernel
+(CPU tensors run under Triton's interpreter), ``"cpu"`` the C++ kernel, ``"torch"`` the plain
+PyTorch reference.
 """
 from __future__ import annotations
 

@@ -36,6 +36,8 @@ def _check_counts(name: str, x: object) -> torch.Tensor:
     return x
 
 
+__all__ = ["ReferringMetrics", "sample_iou"]
+
 def sample_iou(intersection: torch.Tensor, union: torch.Tensor, empty_union_iou: float = 1.0) -> torch.Tensor:
     """Per-sample IoU (float64, same shape): intersection / union, ``empty_union_iou`` where union is 0."""
     empty_union_iou = _check_policy(empty_union_iou)

@@ -18,6 +18,8 @@ from torch.utils.checkpoint import checkpoint
 
 from lens_fast._backend import check_same_device, resolve_backend
 
+__all__ = ["FusedMaskDecoder", "fuse_mask_decoder", "mask_decoder_upscaling", "mask_decoder_upscaling_torch"]
+
 UpscalingParams = Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
 
