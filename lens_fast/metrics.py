@@ -18,6 +18,8 @@ import torch
 from lens_fast._backend import as_tensor
 from lens_fast.ops import MaskStats, box_iou_aligned
 
+__all__ = ["ReferringMetrics", "sample_iou"]
+
 EMPTY_UNION_POLICIES = {1.0: "LISA", 0.0: "Seg-Zero"}  # per-sample IoU of an empty union -> convention
 
 
@@ -35,8 +37,6 @@ def _check_counts(name: str, x: object) -> torch.Tensor:
         raise TypeError(f"{name} must hold integer pixel counts, got {x.dtype}")
     return x
 
-
-__all__ = ["ReferringMetrics", "sample_iou"]
 
 def sample_iou(intersection: torch.Tensor, union: torch.Tensor, empty_union_iou: float = 1.0) -> torch.Tensor:
     """Per-sample IoU (float64, same shape): intersection / union, ``empty_union_iou`` where union is 0."""
