@@ -10,6 +10,7 @@ cast on store.
 """
 from __future__ import annotations
 
+import threading
 from typing import Any, Callable
 
 import torch
@@ -32,6 +33,11 @@ def _call_device_function(helper: InterpretedFunction, args: tuple, kwargs: dict
 
 
 _interpreted_library: dict = {}
+
+# Held while a kernel is interpreted: the interpreter patches ``triton.language`` and we patch
+# ``JITFunction.__call__``, both process-wide, so interpreted launches from several threads run one at
+# a time (reentrant: the save/restore below nests in one thread). Compiled launches never take it.
+_interpreter_lock = threading.RLock()
 
 
 def _call_library_interpreted(self: JITFunction, *args: Any, **kwargs: Any) -> Any:
@@ -59,12 +65,13 @@ class DualJITFunction(JITFunction):
     def run(self, *args: Any, grid: Any, warmup: bool, **kwargs: Any) -> Any:
         if _on_cuda(args, kwargs):
             return super().run(*args, grid=grid, warmup=warmup, **kwargs)
-        library_call = JITFunction.__call__
-        JITFunction.__call__ = _call_library_interpreted
-        try:
-            return self._interpreted.run(*args, grid=grid, warmup=warmup, **kwargs)
-        finally:
-            JITFunction.__call__ = library_call
+        with _interpreter_lock:
+            library_call = JITFunction.__call__
+            JITFunction.__call__ = _call_library_interpreted
+            try:
+                return self._interpreted.run(*args, grid=grid, warmup=warmup, **kwargs)
+            finally:
+                JITFunction.__call__ = library_call
 
 
 def jit(fn: Callable | None = None, **kwargs: Any) -> Any:

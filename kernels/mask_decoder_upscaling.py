@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from lens_fast._backend import device_guard
 from lens_fast.kernels.jit import jit
 
 _INV_SQRT2 = tl.constexpr(0.7071067811865476)
@@ -362,21 +363,24 @@ def mask_decoder_upscaling_backward(
 class MaskDecoderUpscalingFunction(torch.autograd.Function):
     """Autograd op: (src, hyper_in, w1, b1, norm_w, norm_b, w2, b2, height, width, eps) -> logits.
 
-    Saves only its inputs for backward; the backward kernel recomputes the activations.
+    Saves only its inputs for backward; the backward kernel recomputes the activations. Launches on
+    the inputs' device, whichever CUDA device is current.
     """
 
     @staticmethod
     def forward(ctx, src, hyper_in, w1, b1, norm_w, norm_b, w2, b2, height, width, eps):
         ctx.save_for_backward(src, hyper_in, w1, b1, norm_w, norm_b, w2, b2)
         ctx.size_eps = (height, width, eps)
-        return mask_decoder_upscaling_forward(src, hyper_in, height, width, w1, b1, norm_w, norm_b, w2, b2, eps)
+        with device_guard(src.device):
+            return mask_decoder_upscaling_forward(src, hyper_in, height, width, w1, b1, norm_w, norm_b, w2, b2, eps)
 
     @staticmethod
     def backward(ctx, grad_out):
         src, hyper_in, w1, b1, norm_w, norm_b, w2, b2 = ctx.saved_tensors
         height, width, eps = ctx.size_eps
-        grads = mask_decoder_upscaling_backward(
-            grad_out.contiguous(), src, hyper_in, height, width, w1, b1, norm_w, norm_b, w2, b2, eps,
-            ctx.needs_input_grad[:8],
-        )
+        with device_guard(src.device):
+            grads = mask_decoder_upscaling_backward(
+                grad_out.contiguous(), src, hyper_in, height, width, w1, b1, norm_w, norm_b, w2, b2, eps,
+                ctx.needs_input_grad[:8],
+            )
         return (*grads, None, None, None)

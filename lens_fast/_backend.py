@@ -7,8 +7,9 @@ PyTorch reference.
 """
 from __future__ import annotations
 
+import contextlib
 from types import ModuleType
-from typing import Literal, Optional
+from typing import ContextManager, Literal, Optional
 
 import torch
 
@@ -78,6 +79,12 @@ def check_same_device(**tensors: torch.Tensor) -> torch.device:
         listing = ", ".join(f"{name} on {dev}" for name, dev in devices.items())
         raise ValueError(f"all tensors must be on one device, got {listing}")
     return next(iter(devices.values()))
+
+
+def device_guard(device: torch.device) -> ContextManager:
+    """Makes ``device`` current for a Triton launch on CUDA (Triton launches on the current device
+    and stream, whatever device the tensors live on); does nothing for other devices."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def as_tensor(name: str, x: object) -> torch.Tensor:

@@ -40,3 +40,46 @@ def test_interpreting_leaves_triton_language_unpatched():
     signature = {"x_ptr": "*fp32", "out_ptr": "*fp32", "n": "i32", "BLOCK": "constexpr"}
     source = ASTSource(fn=kernel, signature=signature, constexprs={(kernel.arg_names.index("BLOCK"),): 8})
     assert triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm["ptx"]
+
+
+def test_interpreted_launches_from_several_threads_agree_and_restore_jit_call():
+    """Concurrent interpreted launches each see the interpreter's library functions, and afterwards
+    ``JITFunction.__call__`` is Triton's own again (not left patched by an interleaved save/restore)."""
+    import threading
+
+    from triton.runtime.jit import JITFunction
+
+    original_call = JITFunction.__call__
+    x = torch.tensor([1.0, -2.0, 3.5, 0.25, 5.0])
+    want = 2 * x + x.sum() + x.max() + 2 + torch.sigmoid(x)
+    errors = []
+
+    def launch_many():
+        try:
+            for _ in range(5):
+                out = torch.empty_like(x)
+                _library_functions_kernel[(1,)](x, out, 5, BLOCK=8)
+                torch.testing.assert_close(out, want)
+        except Exception as error:  # reported in the main thread
+            errors.append(error)
+
+    threads = [threading.Thread(target=launch_many) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+    assert JITFunction.__call__ is original_call
+
+
+def test_an_exception_inside_an_interpreted_kernel_restores_jit_call():
+    from triton.runtime.jit import JITFunction
+
+    original_call = JITFunction.__call__
+    try:
+        _library_functions_kernel[(1,)](torch.ones(4), torch.empty(4), 4)  # BLOCK missing
+    except Exception:
+        pass
+    else:
+        raise AssertionError("a launch without its constexpr BLOCK should fail")
+    assert JITFunction.__call__ is original_call

@@ -7,14 +7,13 @@ scored against one ground truth). One pass: each ``pred`` element is read once.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import numbers
 from typing import NamedTuple, Optional
 
 import torch
 
-from lens_fast._backend import as_tensor, check_same_device, native, resolve_backend
+from lens_fast._backend import as_tensor, check_same_device, device_guard, native, resolve_backend
 
 PRED_DTYPES = (torch.bool, torch.uint8, torch.float32, torch.float16, torch.bfloat16)
 GT_DTYPES = (torch.bool, torch.uint8)
@@ -180,7 +179,7 @@ def _mask_stats_triton(pred: torch.Tensor, gt: torch.Tensor, threshold: float) -
 
     pred4, gt3 = triton_views(pred, gt)
     out = _new_stats(pred.shape[:-2], pred.device)
-    with torch.cuda.device(pred.device) if pred.is_cuda else contextlib.nullcontext():
+    with device_guard(pred.device):
         kernel.mask_stats(pred4, gt3, threshold, *out)
     return out
 

@@ -23,7 +23,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from lens_fast._backend import as_tensor, check_same_device, native, resolve_backend
+from lens_fast._backend import as_tensor, check_same_device, device_guard, native, resolve_backend
 from lens_fast.ops.mask_stats import MaskStats, check_threshold, mask_stats_torch
 
 LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -129,7 +129,8 @@ def postprocess_masks(
         out_dtype = low_res.dtype if threshold is None else torch.uint8
         out = torch.empty(shape, dtype=out_dtype, device=low_res.device)
         if masks.shape[0] > 0:
-            postprocess_masks_triton(masks, out, image_size, input_size, original_size, threshold)
+            with device_guard(masks.device):
+                postprocess_masks_triton(masks, out, image_size, input_size, original_size, threshold)
         return out.view(torch.bool) if threshold is not None else out
     masks = masks.float()
     out = torch.empty(shape, dtype=torch.float32 if threshold is None else torch.uint8)
@@ -184,9 +185,10 @@ def postprocess_mask_stats(
     if backend == "triton":
         from lens_fast.kernels.postprocess_masks import postprocess_mask_stats_triton
 
-        inter, union, area, gt_area, box = postprocess_mask_stats_triton(
-            masks, truth, image_size, input_size, original_size, threshold
-        )
+        with device_guard(masks.device):
+            inter, union, area, gt_area, box = postprocess_mask_stats_triton(
+                masks, truth, image_size, input_size, original_size, threshold
+            )
     else:
         masks = masks.float()
         counts = torch.empty(3, masks.shape[0], dtype=torch.int64)

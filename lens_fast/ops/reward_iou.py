@@ -7,12 +7,11 @@ whole batch is one Triton kernel launch (``kernels/reward_iou.py``).
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Optional
 
 import torch
 
-from lens_fast._backend import check_same_device, resolve_backend
+from lens_fast._backend import check_same_device, device_guard, resolve_backend
 from lens_fast.ops.box_iou import aligned_iou, check_boxes
 from lens_fast.ops.mask_stats import (
     check_mask_inputs,
@@ -58,7 +57,7 @@ def _reward_iou_triton(
     pred4, gt3 = triton_views(pred, gt)
     mask_iou = torch.empty(pred.shape[:-2], dtype=torch.float32, device=pred.device)
     box_iou = torch.empty_like(mask_iou)
-    with torch.cuda.device(pred.device) if pred.is_cuda else contextlib.nullcontext():
+    with device_guard(pred.device):
         kernel.reward_iou(
             pred4, gt3, pred_boxes.reshape(-1, groups, 4), gt_boxes.reshape(-1, 4), threshold, empty,
             mask_iou.view(-1, groups), box_iou.view(-1, groups),
