@@ -175,6 +175,7 @@ def test_lens_reward_cuda(rng):
         (dict(completions=["a"], gt_boxes=[[0, 0, 1, float("nan")]]), "finite"),
         (dict(completions=["a"], gt_boxes=[[0, 0, 1, 1]], policy_size=[[1, 1]]), "policy_size"),
         (dict(completions=["a"], gt_boxes=[[0, 0, 1, 1]], policy_size=[[0, 1]], gt_size=[[1, 1]]), "positive"),
+        (dict(completions=["a"], gt_boxes=[[0, 0, 1, 1]], policy_size=[[1, 1]], gt_size=[[1, -2]]), "gt_size must be positive"),
         (dict(completions=["a"], gt_boxes=[[0, 0, 1, 1]], pred_masks=torch.zeros(1, 1, 2, 2)), "gt_masks"),
         (dict(completions=["a", "b"], gt_boxes=[[0, 0, 1, 1]], pred_masks=torch.zeros(1, 1, 2, 2),
               gt_masks=torch.zeros(1, 2, 2, dtype=torch.bool)), "pred_masks"),

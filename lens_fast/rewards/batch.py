@@ -51,19 +51,24 @@ def group_size(num_completions: int, num_prompts: int) -> int:
     return num_completions // num_prompts
 
 
-def float_tensor(name: str, value: object, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    """``value`` (tensor, ndarray or nested lists) as a finite float32 tensor of ``shape`` on ``device``
-    (-1 in ``shape`` matches any size); ValueError naming ``name`` otherwise."""
+def float_tensor(
+    name: str, value: object, shape: tuple[int, ...], device: torch.device, *, positive: bool = False
+) -> torch.Tensor:
+    """``value`` (tensor, ndarray or nested lists) as a finite (``positive``: and > 0) float32 tensor of
+    ``shape`` on ``device`` (-1 in ``shape`` matches any size); ValueError naming ``name`` otherwise.
+    Checked where the value lives, before the copy, so host inputs never wait on the GPU."""
     try:
         tensor = torch.as_tensor(np.asarray(value, dtype=np.float64) if not isinstance(value, torch.Tensor) else value)
     except (TypeError, ValueError) as error:
         raise ValueError(f"{name} must be numbers of shape {_shape_text(shape)}: {error}") from None
     if tensor.dim() != len(shape) or any(s != -1 and s != t for s, t in zip(shape, tensor.shape)):
         raise ValueError(f"{name} must have shape {_shape_text(shape)}, got {tuple(tensor.shape)}")
-    tensor = tensor.to(device=device, dtype=torch.float32)
+    tensor = tensor.to(dtype=torch.float32)
     if not bool(torch.isfinite(tensor).all()):
         raise ValueError(f"{name} must be finite, got NaN or inf in {name}")
-    return tensor
+    if positive and not bool((tensor > 0).all()):
+        raise ValueError(f"{name} must be positive (height, width) pairs")
+    return tensor.to(device)
 
 
 def _shape_text(shape: tuple[int, ...]) -> str:
@@ -79,10 +84,8 @@ def frame_scale(
         return None
     if policy_size is None or gt_size is None:
         raise ValueError("policy_size and gt_size go together: give both (height, width) per prompt, or neither")
-    src = float_tensor("policy_size", policy_size, (num_prompts, 2), device)
-    dst = float_tensor("gt_size", gt_size, (num_prompts, 2), device)
-    if bool((src <= 0).any()) or bool((dst <= 0).any()):
-        raise ValueError("policy_size and gt_size must be positive (height, width) pairs")
+    src = float_tensor("policy_size", policy_size, (num_prompts, 2), device, positive=True)
+    dst = float_tensor("gt_size", gt_size, (num_prompts, 2), device, positive=True)
     return (dst / src).flip(-1)  # (h, w) ratios -> (sx, sy)
 
 
