@@ -132,6 +132,9 @@ def mask_decoder_upscaling(
         return _upscaling_triton(src, hyper_in, height, width, params, norm.eps)
 
 
+_MAX_PROMPTS_PER_LAUNCH = 65535
+
+
 def _upscaling_triton(src, hyper_in, height, width, params, eps):
     from lens_fast.kernels.mask_decoder_upscaling import MaskDecoderUpscalingFunction
 
@@ -140,10 +143,16 @@ def _upscaling_triton(src, hyper_in, height, width, params, eps):
     # Per-tap weights (4, C_in, C_out): w[2*di + dj] = weight[:, :, di, dj]; autograd maps the grads back.
     w1 = conv1_w.permute(2, 3, 0, 1).reshape(4, dim, dim // 4).contiguous()
     w2 = conv2_w.permute(2, 3, 0, 1).reshape(4, dim // 4, dim // 8).contiguous()
-    return MaskDecoderUpscalingFunction.apply(
-        src.contiguous(), hyper_in.contiguous(), w1, conv1_b.contiguous(), norm_w.contiguous(),
-        norm_b.contiguous(), w2, conv2_b.contiguous(), height, width, float(eps),
-    )
+    weights = (w1, conv1_b.contiguous(), norm_w.contiguous(), norm_b.contiguous(), w2, conv2_b.contiguous())
+    step = _MAX_PROMPTS_PER_LAUNCH  # the kernels put prompts on grid axis 1 (at most 65535 programs)
+    chunks = [
+        MaskDecoderUpscalingFunction.apply(
+            src[start:start + step].contiguous(), hyper_in[start:start + step].contiguous(), *weights,
+            height, width, float(eps),
+        )
+        for start in range(0, src.shape[0], step)
+    ]
+    return chunks[0] if len(chunks) == 1 else torch.cat(chunks)
 
 
 class FusedMaskDecoder(MaskDecoder):

@@ -424,3 +424,20 @@ def test_mask_decoder_upscaling_empty(backend, batch, tokens):
     out.sum().backward()
     assert src.grad is not None and not src.grad.any()
     assert not upscaling[0].weight.grad.any()
+
+
+def test_triton_splits_prompts_beyond_one_launch(rng, monkeypatch):
+    """More prompts than one launch's grid axis holds: chunks give the same values and gradients."""
+    import lens_fast.nn as lens_nn
+
+    upscaling = make_decoder(32).output_upscaling
+    src = torch.randn(5, 3 * 4, 32, requires_grad=True)
+    hyper_in = torch.randn(5, 2, 4, requires_grad=True)
+    want = upscaling_reference(src, hyper_in, (3, 4), upscaling)
+    want_grads = torch.autograd.grad(want.square().sum(), (src, hyper_in))
+    monkeypatch.setattr(lens_nn, "_MAX_PROMPTS_PER_LAUNCH", 2)
+    got = mask_decoder_upscaling(src, hyper_in, (3, 4), upscaling, backend="triton")
+    got_grads = torch.autograd.grad(got.square().sum(), (src, hyper_in))
+    assert rel_err(got, want) <= 1e-4
+    for g, w in zip(got_grads, want_grads):
+        assert rel_err(g, w) <= 1e-4
