@@ -88,6 +88,13 @@ void read_count_list(PyObject* counts, const std::string& what, uint32_t* out, s
     PyErr_Clear();
     throw py::type_error(what + " must be bytes, str or a list of ints, got " + type_name(counts));
   }
+  // Room for n counts was made from len(counts): an object whose iteration disagrees must not
+  // be read past its end.
+  const size_t length = size_t(PySequence_Fast_GET_SIZE(seq.ptr()));
+  if (length != n) {
+    throw py::value_error(what + " holds " + std::to_string(length) + " values but len() said " +
+                          std::to_string(n));
+  }
   PyObject** items = PySequence_Fast_ITEMS(seq.ptr());
   for (size_t j = 0; j < n; ++j) put(j, to_int(items[j], what + "[" + std::to_string(j) + "]"));
 }

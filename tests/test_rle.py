@@ -468,6 +468,21 @@ def test_bad_rle_objects_name_the_argument(obj, error, message):
         rle.decode([obj])
 
 
+class _CountsWithWrongLen:
+    """Iterates over two counts but says it holds a million: the length must not be trusted."""
+
+    def __len__(self):
+        return 1_000_000
+
+    def __iter__(self):
+        return iter([6, 6])
+
+
+def test_counts_whose_len_disagrees_with_iteration_raise():
+    with pytest.raises(ValueError, match=r"rleObjs\[0\]\['counts'\].*2 values.*len\(\) said 1000000"):
+        rle.decode([{"size": [3, 4], "counts": _CountsWithWrongLen()}])
+
+
 def test_bad_masks_name_the_argument():
     with pytest.raises(TypeError, match="bimask must have dtype bool or uint8, got float32"):
         rle.encode(np.zeros((3, 4), np.float32))
