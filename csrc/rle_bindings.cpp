@@ -83,10 +83,17 @@ void read_count_list(PyObject* counts, const std::string& what, uint32_t* out, s
     for (size_t j = 0; j < n; ++j) put(j, v[j]);
     return;
   }
-  py::object seq = py::reinterpret_steal<py::object>(PySequence_Fast(counts, ""));
+  py::object seq = py::reinterpret_steal<py::object>(PySequence_List(counts));
   if (!seq) {
     PyErr_Clear();
     throw py::type_error(what + " must be bytes, str or a list of ints, got " + type_name(counts));
+  }
+  // Room for n counts was made from len(counts): an object whose iteration disagrees must not
+  // be read past its end.
+  const size_t length = size_t(PySequence_Fast_GET_SIZE(seq.ptr()));
+  if (length != n) {
+    throw py::value_error(what + " holds " + std::to_string(length) + " values but len() said " +
+                          std::to_string(n));
   }
   PyObject** items = PySequence_Fast_ITEMS(seq.ptr());
   for (size_t j = 0; j < n; ++j) put(j, to_int(items[j], what + "[" + std::to_string(j) + "]"));
@@ -95,7 +102,7 @@ void read_count_list(PyObject* counts, const std::string& what, uint32_t* out, s
 // Parses a list of RLE dicts; counts may be compressed (bytes or str) or a list of ints. Errors
 // name the argument `name` and the index.
 RleList parse_rles(py::handle objs, const std::string& name, int num_threads) {
-  py::object seq = py::reinterpret_steal<py::object>(PySequence_Fast(objs.ptr(), ""));
+  py::object seq = py::reinterpret_steal<py::object>(PySequence_List(objs.ptr()));
   if (!seq) {
     PyErr_Clear();
     throw py::type_error(name + " must be a list of RLE dicts, got " + type_name(objs.ptr()));
@@ -125,7 +132,10 @@ RleList parse_rles(py::handle objs, const std::string& name, int num_threads) {
     if (size == nullptr || counts == nullptr) {
       throw py::value_error(where + " must have keys 'size' and 'counts'");
     }
-    py::object size_seq = py::reinterpret_steal<py::object>(PySequence_Fast(size, ""));
+    // Owned before any Python code runs (an __index__ below may change the dict).
+    const py::object size_ref = py::reinterpret_borrow<py::object>(size);
+    keep_alive[i] = py::reinterpret_borrow<py::object>(counts);
+    py::object size_seq = py::reinterpret_steal<py::object>(PySequence_List(size));
     if (!size_seq || PySequence_Fast_GET_SIZE(size_seq.ptr()) != 2) {
       PyErr_Clear();
       throw py::value_error(where + "['size'] must be [h, w]");
@@ -135,7 +145,6 @@ RleList parse_rles(py::handle objs, const std::string& name, int num_threads) {
     check_size(h, w, where + "['size']");
     rles.h[i] = uint32_t(h);
     rles.w[i] = uint32_t(w);
-    keep_alive[i] = py::reinterpret_borrow<py::object>(counts);
     Source& source = sources[i];
     if (PyBytes_Check(counts)) {
       source.text = PyBytes_AS_STRING(counts);

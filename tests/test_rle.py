@@ -468,6 +468,47 @@ def test_bad_rle_objects_name_the_argument(obj, error, message):
         rle.decode([obj])
 
 
+class _CountsWithWrongLen:
+    """Iterates over two counts but says it holds a million: the length must not be trusted."""
+
+    def __len__(self):
+        return 1_000_000
+
+    def __iter__(self):
+        return iter([6, 6])
+
+
+def test_counts_whose_len_disagrees_with_iteration_raise():
+    with pytest.raises(ValueError, match=r"rleObjs\[0\]\['counts'\].*2 values.*len\(\) said 1000000"):
+        rle.decode([{"size": [3, 4], "counts": _CountsWithWrongLen()}])
+
+
+class _IndexWithSideEffect:
+    """An int whose __index__ first runs `action` (which changes the containers being parsed)."""
+
+    def __init__(self, value, action):
+        self.value, self.action = value, action
+
+    def __index__(self):
+        self.action()
+        return self.value
+
+
+def test_parsing_survives_an_index_that_changes_its_containers():
+    counts = [None, 6, 0, 0]
+    counts[0] = _IndexWithSideEffect(6, counts.clear)
+    assert rle.decode({"size": [3, 4], "counts": counts}).sum() == 6
+    size = [None, 4]
+    size[0] = _IndexWithSideEffect(3, size.clear)
+    assert rle.area({"size": size, "counts": b"<"}) == 0
+    objs = []
+    objs += [{"size": [_IndexWithSideEffect(3, objs.clear), 4], "counts": b"<"}, {"size": [3, 4], "counts": b"0<"}]
+    assert rle.area(objs).tolist() == [0, 12]
+    obj = {"size": None, "counts": bytes(b"0<")}
+    obj["size"] = [_IndexWithSideEffect(3, lambda: obj.pop("counts")), 4]
+    assert rle.area(obj) == 12
+
+
 def test_bad_masks_name_the_argument():
     with pytest.raises(TypeError, match="bimask must have dtype bool or uint8, got float32"):
         rle.encode(np.zeros((3, 4), np.float32))
