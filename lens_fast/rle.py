@@ -256,21 +256,22 @@ def _iou_operand(name: str, objs: Any) -> Tuple[str, Any, int]:
     raise ValueError(f"{name} must be a list of RLE dicts or a list of [x, y, w, h] boxes, not a mix")
 
 
-def iou(dt: IouOperand, gt: IouOperand, iscrowd: Optional[Sequence[Any]]) -> Union[np.ndarray, list]:
+def iou(dt: IouOperand, gt: IouOperand, pyiscrowd: Optional[Sequence[Any]]) -> Union[np.ndarray, list]:
     """IoU of every dt with every gt: an (len(dt), len(gt)) float64 array (Fortran order).
 
     dt, gt: both RLEs (lists of dicts) or both boxes (lists of [x, y, w, h] or (N, 4) arrays).
-    iscrowd: one flag per gt (None: none crowd); a crowd gt divides the intersection by the dt area.
+    pyiscrowd (pycocotools' name): one flag per gt, read as uint8 as pycocotools does (None: none
+    crowd); a crowd gt divides the intersection by the dt area.
     Masks of different sizes give -1 where their boxes overlap; [] when dt or gt is empty.
     """
     dt_kind, dt_data, m = _iou_operand("dt", dt)
     gt_kind, gt_data, n = _iou_operand("gt", gt)
-    if iscrowd is None:
+    if pyiscrowd is None:
         crowd = np.zeros(n, dtype=np.uint8)
     else:
-        crowd = (np.asarray(iscrowd).reshape(-1) != 0).astype(np.uint8)
+        crowd = np.array(pyiscrowd, dtype=np.uint8).reshape(-1)
         if len(crowd) != n:
-            raise ValueError(f"iscrowd must have one flag per gt ({n}), got {len(crowd)}")
+            raise ValueError(f"pyiscrowd must have one flag per gt ({n}), got {len(crowd)}")
     if m == 0 or n == 0:
         return []
     if dt_kind != gt_kind:

@@ -293,6 +293,14 @@ def test_iou_matches_pycocotools(rng, h, w):
     np.testing.assert_array_equal(rle.iou(dt, gt, None), coco.iou(dt, gt, [0] * len(gt)))
 
 
+def test_iou_takes_pycocotools_keywords_and_crowd_flags():
+    full = {"size": [3, 4], "counts": b"0<"}
+    column = rle.encode(np.pad(np.ones((3, 1), np.uint8), ((0, 0), (0, 3))))
+    for crowd in ([0.5], [1.0], [True], np.array([2])):
+        expected = coco.iou([column], [full], crowd)
+        np.testing.assert_array_equal(rle.iou(dt=[column], gt=[full], pyiscrowd=crowd), expected)
+
+
 def test_iou_sizes_boxes_and_empty(rng):
     a = coco_encode(smooth_masks(rng, 3, 20, 30))
     b = coco_encode(smooth_masks(rng, 2, 30, 20))
