@@ -2,8 +2,9 @@
 
 Each benchmark sets ``benchmark.group`` and ``benchmark.extra_info``:
 - ``"bytes"``: bytes the op must touch (read once + written once): GB/s is reported from it;
-- ``"reference": True`` on the baseline of its group: every other entry gets a speed-up ratio;
-- ``"memcpy_gbps"``: copy bandwidth of the same bytes (``memcpy_gbps`` fixture) for comparison.
+- ``"memcpy_gbps"``: copy bandwidth of the same bytes, for comparison;
+  the ``record_traffic(benchmark, *data, device="cpu")`` fixture sets both;
+- ``"reference": True`` on the baseline of its group: every other entry gets a speed-up ratio.
 Fixture ``one_torch_thread`` pins torch to one thread; ``bench_utils`` has ``synced`` and ``cuda_peak_mib``.
 A table of GB/s and ratios is printed at the end of ``pytest bench/ --benchmark-only``.
 """
@@ -37,31 +38,38 @@ def one_torch_thread():
 _memcpy_cache: dict = {}
 
 
-@pytest.fixture(scope="session")
-def memcpy_gbps():
-    """memcpy_gbps(nbytes, device="cpu") -> GB/s of copying nbytes (read + write counted once each).
+def _memcpy_gbps(nbytes: int, device: str) -> float:
+    """GB/s of copying nbytes on ``device`` (read + write counted once each).
 
     Best of 25 copies, one thread on the CPU (like the single-thread benchmarks beside it). Sizes
     whose source + destination fit in the last-level cache measure cache, not DRAM, bandwidth.
     """
+    key = (nbytes, device)
+    if key not in _memcpy_cache:
+        src = torch.empty(nbytes, dtype=torch.uint8, device=device).fill_(1)
+        dst = torch.empty_like(src)
+        copy = synced(lambda: dst.copy_(src), device)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            copy()
+            _memcpy_cache[key] = 2 * nbytes / _best_seconds(copy, repeat=25) / 1e9
+        finally:
+            torch.set_num_threads(threads)
+    return _memcpy_cache[key]
 
-    def measure(nbytes: int, device: str = "cpu") -> float:
-        key = (nbytes, device)
-        if key not in _memcpy_cache:
-            src = torch.empty(nbytes, dtype=torch.uint8, device=device).fill_(1)
-            dst = torch.empty_like(src)
-            copy = synced(lambda: dst.copy_(src), device)
-            threads = torch.get_num_threads()
-            torch.set_num_threads(1)
-            try:
-                copy()
-                _memcpy_cache[key] = 2 * nbytes / _best_seconds(copy, repeat=25) / 1e9
-            finally:
-                torch.set_num_threads(threads)
-        return _memcpy_cache[key]
 
-    return measure
+@pytest.fixture(scope="session")
+def record_traffic():
+    """record_traffic(benchmark, *data, device="cpu"): the op touches ``data`` (tensors, arrays or byte
+    counts) once; sets ``extra_info["bytes"]`` and the ``"memcpy_gbps"`` of as many bytes."""
 
+    def record(benchmark, *data, device: str = "cpu") -> None:
+        nbytes = sum(x if isinstance(x, int) else x.nbytes for x in data)
+        benchmark.extra_info["bytes"] = nbytes
+        benchmark.extra_info["memcpy_gbps"] = _memcpy_gbps(nbytes, str(device))
+
+    return record
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     session = getattr(config, "_benchmarksession", None)

@@ -63,21 +63,16 @@ def torchmetrics_stats(pred: torch.Tensor, gt: torch.Tensor):
     return binary_stat_scores(preds, target.to(torch.uint8), threshold, multidim_average="samplewise", validate_args=False)
 
 
-def nbytes(pred: torch.Tensor, gt: torch.Tensor) -> int:
-    return pred.numel() * pred.element_size() + gt.numel() * gt.element_size()
-
-
 CPU_DTYPES = [torch.uint8, torch.float32]
 CPU_IMPLS = ["lens_fast_cpu_1thread", "lens_fast_cpu_threads", "torch_plain", "torch_backend", "torchmetrics"]
 
 
 @pytest.mark.parametrize("impl", CPU_IMPLS)
 @pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
-def test_mask_stats_cpu(benchmark, memcpy_gbps, one_torch_thread, dtype, impl):
+def test_mask_stats_cpu(benchmark, record_traffic, one_torch_thread, dtype, impl):
     pred, gt = make_inputs(dtype)
     benchmark.group = f"mask_stats cpu {dtype} {BATCH}x{GROUPS}x480x640"
-    benchmark.extra_info["bytes"] = nbytes(pred, gt)
-    benchmark.extra_info["memcpy_gbps"] = memcpy_gbps(nbytes(pred, gt))
+    record_traffic(benchmark, pred, gt)
     threads = (os.cpu_count() or 1) if impl == "lens_fast_cpu_threads" else 1
     benchmark.extra_info["threads"] = threads
     with native_threads(threads):
@@ -101,11 +96,10 @@ def test_mask_stats_cpu(benchmark, memcpy_gbps, one_torch_thread, dtype, impl):
 @pytest.mark.parametrize("impl", ["lens_fast_triton", "torch_backend", "torch_plain"])
 @pytest.mark.parametrize("size", [(480, 640), (1024, 1024)], ids=lambda s: f"{s[0]}x{s[1]}")
 @pytest.mark.parametrize("dtype", [torch.uint8, torch.float32, torch.bfloat16], ids=str)
-def test_mask_stats_cuda(benchmark, memcpy_gbps, dtype, size, impl):
+def test_mask_stats_cuda(benchmark, record_traffic, dtype, size, impl):
     pred, gt = make_inputs(dtype, *size, device="cuda")
     benchmark.group = f"mask_stats cuda {dtype} {BATCH}x{GROUPS}x{size[0]}x{size[1]}"
-    benchmark.extra_info["bytes"] = nbytes(pred, gt)
-    benchmark.extra_info["memcpy_gbps"] = memcpy_gbps(nbytes(pred, gt), device="cuda")
+    record_traffic(benchmark, pred, gt, device="cuda")
     run = synced({
         "lens_fast_triton": lambda: ops.mask_stats(pred, gt, backend="triton"),
         "torch_backend": lambda: ops.mask_stats(pred, gt, backend="torch"),

@@ -70,21 +70,16 @@ def assert_counts_close(stats, low, gt, size) -> None:
     assert (stats.union - union).abs().max() <= slack
 
 
-def nbytes(low: torch.Tensor, gt: torch.Tensor) -> int:
-    return low.numel() * low.element_size() + gt.numel() * gt.element_size()
-
-
 
 CPU_IMPLS = ["lens_fast_cpu_1thread", "lens_fast_cpu_threads", "sam_torch_iou", "sam_then_cpp_mask_stats"]
 
 
 @pytest.mark.parametrize("impl", CPU_IMPLS)
 @pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
-def test_postprocess_mask_stats_cpu(benchmark, memcpy_gbps, one_torch_thread, size, impl):
+def test_postprocess_mask_stats_cpu(benchmark, record_traffic, one_torch_thread, size, impl):
     low, gt = make_inputs(size)
     benchmark.group = f"postprocess_mask_stats cpu {GROUPS}x{MASKS} low {LOW_RES} -> {size[0]}x{size[1]}"
-    benchmark.extra_info["bytes"] = nbytes(low, gt)
-    benchmark.extra_info["memcpy_gbps"] = memcpy_gbps(nbytes(low, gt))
+    record_traffic(benchmark, low, gt)
     threads = (os.cpu_count() or 1) if impl == "lens_fast_cpu_threads" else 1
     with native_threads(threads):
         if impl.startswith("lens_fast_cpu"):
@@ -114,11 +109,10 @@ def test_postprocess_masks_cpu(benchmark, one_torch_thread, impl):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("impl", ["lens_fast_triton", "sam_torch_iou", "lens_fast_triton_masks"])
 @pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
-def test_postprocess_mask_stats_cuda(benchmark, memcpy_gbps, size, impl):
+def test_postprocess_mask_stats_cuda(benchmark, record_traffic, size, impl):
     low, gt = make_inputs(size, device="cuda")
     benchmark.group = f"postprocess_mask_stats cuda {GROUPS}x{MASKS} low {LOW_RES} -> {size[0]}x{size[1]}"
-    benchmark.extra_info["bytes"] = nbytes(low, gt)
-    benchmark.extra_info["memcpy_gbps"] = memcpy_gbps(nbytes(low, gt), device="cuda")
+    record_traffic(benchmark, low, gt, device="cuda")
     run = synced({
         "lens_fast_triton": lambda: ops.postprocess_mask_stats(low, gt, input_size(size), size),
         "sam_torch_iou": lambda: sam_then_torch_iou(low, gt, size),

@@ -46,13 +46,12 @@ DEVICES = [
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.uint8, torch.float32], ids=["uint8", "fp32_logits"])
 @pytest.mark.parametrize("impl", list(IMPLS))
-def test_reward_iou(benchmark, memcpy_gbps, one_torch_thread, device, dtype, impl):
+def test_reward_iou(benchmark, record_traffic, one_torch_thread, device, dtype, impl):
     pred, gt = make_inputs(dtype, device=device)
     pred_boxes, gt_boxes = boxes(device)
     backend = "triton" if device == "cuda" else "cpu"
     benchmark.group = f"reward_iou {BATCH}x{GROUPS} 480x640 {dtype} {device}"
-    nbytes = pred.numel() * pred.element_size() + gt.numel() * gt.element_size()
-    benchmark.extra_info.update(bytes=nbytes, memcpy_gbps=memcpy_gbps(nbytes, device))
+    record_traffic(benchmark, pred, gt, device=device)
     benchmark.extra_info["reference"] = impl == "mask_iou+box_iou_aligned"
     run = synced(lambda: IMPLS[impl](pred, gt, pred_boxes, gt_boxes, backend), device)
     mask_iou, box_iou = benchmark(run)

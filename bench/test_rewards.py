@@ -62,12 +62,11 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.i
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("masks", ["fp32_logits", "bool"])
 @pytest.mark.parametrize("path", ["naive_loop", "fused"])
-def test_lens_reward_batch(benchmark, memcpy_gbps, one_torch_thread, device, masks, path):
+def test_lens_reward_batch(benchmark, record_traffic, one_torch_thread, device, masks, path):
     texts, gt_boxes, logits, gt = make_batch(device)
     pred = logits if masks == "fp32_logits" else logits > 0
     benchmark.group = f"lens_reward {PROMPTS}x{GROUPS} {H}x{W} {masks} {device}"
-    nbytes = pred.numel() * pred.element_size() + gt.numel() * gt.element_size()
-    benchmark.extra_info.update(bytes=nbytes, memcpy_gbps=memcpy_gbps(nbytes, device))
+    record_traffic(benchmark, pred, gt, device=device)
     if path == "naive_loop":
         benchmark.extra_info["reference"] = True
         run = synced(lambda: naive_lens_reward(texts, gt_boxes, pred, gt), device)

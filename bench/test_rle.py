@@ -71,12 +71,11 @@ def single_thread():
     lens_fast.set_num_threads(before)
 
 
-def setup(benchmark, memcpy_gbps, group: str, peer: str, nbytes: int = 0) -> None:
+def setup(benchmark, record_traffic, group: str, peer: str, nbytes: int = 0) -> None:
     benchmark.group = group
     benchmark.extra_info["reference"] = peer == "pycocotools"
     if nbytes:
-        benchmark.extra_info["bytes"] = nbytes
-        benchmark.extra_info["memcpy_gbps"] = memcpy_gbps(nbytes)
+        record_traffic(benchmark, nbytes)
 
 
 def rlemasklib_decode_into(rles: list) -> np.ndarray:
@@ -121,27 +120,27 @@ BBOX = {"pycocotools": coco.toBbox, "faster_coco_eval": fce.toBbox, "rlemasklib"
 @pytest.mark.parametrize("peer", PEERS)
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("size", SIZES)
-def test_encode_masks_c_order(benchmark, memcpy_gbps, size, kind, peer):
+def test_encode_masks_c_order(benchmark, record_traffic, size, kind, peer):
     masks = masks_of(size, kind)
-    setup(benchmark, memcpy_gbps, f"encode_masks (N,H,W) C-order {size} {kind}", peer, masks.nbytes)
+    setup(benchmark, record_traffic, f"encode_masks (N,H,W) C-order {size} {kind}", peer, masks.nbytes)
     assert benchmark(ENCODE_C[peer], masks) == rles_of(size, kind)
 
 
 @pytest.mark.parametrize("peer", PEERS)
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("size", SIZES)
-def test_encode_fortran(benchmark, memcpy_gbps, size, kind, peer):
+def test_encode_fortran(benchmark, record_traffic, size, kind, peer):
     masks = np.asfortranarray(masks_of(size, kind).transpose(1, 2, 0))
-    setup(benchmark, memcpy_gbps, f"encode (H,W,N) Fortran {size} {kind}", peer, masks.nbytes)
+    setup(benchmark, record_traffic, f"encode (H,W,N) Fortran {size} {kind}", peer, masks.nbytes)
     assert benchmark(ENCODE_F[peer], masks) == rles_of(size, kind)
 
 
 @pytest.mark.parametrize("peer", list(DECODE))
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("size", SIZES)
-def test_decode_masks(benchmark, memcpy_gbps, size, kind, peer):
+def test_decode_masks(benchmark, record_traffic, size, kind, peer):
     masks, rles = masks_of(size, kind), rles_of(size, kind)
-    setup(benchmark, memcpy_gbps, f"decode_masks to (N,H,W) {size} {kind}", peer, masks.nbytes)
+    setup(benchmark, record_traffic, f"decode_masks to (N,H,W) {size} {kind}", peer, masks.nbytes)
     out = benchmark(DECODE[peer], rles)
     np.testing.assert_array_equal(np.asarray(out), masks)
 
@@ -149,10 +148,10 @@ def test_decode_masks(benchmark, memcpy_gbps, size, kind, peer):
 @pytest.mark.parametrize("peer", ("pycocotools", "faster_coco_eval", "lens_fast"))
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("size", SIZES)
-def test_decode_fortran(benchmark, memcpy_gbps, size, kind, peer):
+def test_decode_fortran(benchmark, record_traffic, size, kind, peer):
     rles = rles_of(size, kind)
     decode = {"pycocotools": coco.decode, "faster_coco_eval": fce.decode, "lens_fast": rle.decode}[peer]
-    setup(benchmark, memcpy_gbps, f"decode to (H,W,N) Fortran {size} {kind}", peer, masks_of(size, kind).nbytes)
+    setup(benchmark, record_traffic, f"decode to (H,W,N) Fortran {size} {kind}", peer, masks_of(size, kind).nbytes)
     out = benchmark(decode, rles)
     assert out.flags.f_contiguous
     np.testing.assert_array_equal(out.transpose(2, 0, 1), masks_of(size, kind))
@@ -160,10 +159,10 @@ def test_decode_fortran(benchmark, memcpy_gbps, size, kind, peer):
 
 @pytest.mark.parametrize("peer", PEERS)
 @pytest.mark.parametrize("size,kind,count", [("480x640", "smooth", N), ("1024x1024", "smooth", N), ("480x640", "noise", 4)])
-def test_iou(benchmark, memcpy_gbps, size, kind, count, peer):
+def test_iou(benchmark, record_traffic, size, kind, count, peer):
     dt, gt = rles_of(size, kind, seed=1)[:count], rles_of(size, kind, seed=2)[:count]
     crowd = [i % 2 for i in range(count)]
-    setup(benchmark, memcpy_gbps, f"iou {count}x{count} {size} {kind}", peer)
+    setup(benchmark, record_traffic, f"iou {count}x{count} {size} {kind}", peer)
     out = benchmark(IOU[peer], dt, gt, crowd)
     expected = coco.iou(dt, gt, crowd if peer != "rlemasklib" else [0] * count)
     np.testing.assert_allclose(np.asarray(out), expected, rtol=1e-6)
@@ -173,22 +172,22 @@ def test_iou(benchmark, memcpy_gbps, size, kind, count, peer):
 @pytest.mark.parametrize("op", ["area", "toBbox"])
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("size", SIZES)
-def test_area_and_to_bbox(benchmark, memcpy_gbps, size, kind, op, peer):
+def test_area_and_to_bbox(benchmark, record_traffic, size, kind, op, peer):
     rles = rles_of(size, kind)
     fn, reference = {"area": (AREA[peer], coco.area), "toBbox": (BBOX[peer], coco.toBbox)}[op]
-    setup(benchmark, memcpy_gbps, f"{op} {size} {kind}", peer)
+    setup(benchmark, record_traffic, f"{op} {size} {kind}", peer)
     np.testing.assert_array_equal(np.asarray(benchmark(fn, rles)), reference(rles))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("peer", ("pycocotools", "lens_fast"))
 @pytest.mark.parametrize("kind", KINDS)
-def test_encode_masks_cuda(benchmark, memcpy_gbps, kind, peer):
+def test_encode_masks_cuda(benchmark, record_traffic, kind, peer):
     masks = torch.from_numpy(masks_of("1024x1024", kind)).cuda()
 
     def pycocotools_after_cpu(m):
         return coco.encode(np.asfortranarray(m.cpu().numpy().transpose(1, 2, 0)))
 
     fn = pycocotools_after_cpu if peer == "pycocotools" else rle.encode_masks
-    setup(benchmark, memcpy_gbps, f"encode_masks CUDA (16,1024,1024) {kind}", peer, masks.numel())
+    setup(benchmark, record_traffic, f"encode_masks CUDA (16,1024,1024) {kind}", peer, masks.numel())
     assert benchmark(fn, masks) == rles_of("1024x1024", kind)
