@@ -55,9 +55,10 @@ setup(
     long_description=(ROOT / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["lens_fast", "lens_fast.ops", "lens_fast.kernels"]
+    packages=["lens_fast", "lens_fast.ops", "lens_fast.kernels", "lens_fast.configs"]
     + [f"lens_fast.{p}" for p in ("rewards", "data", "model") if (ROOT / "lens_fast" / p).is_dir()],
-    package_dir={"lens_fast": "lens_fast", "lens_fast.kernels": "kernels"},
+    package_dir={"lens_fast": "lens_fast", "lens_fast.kernels": "kernels", "lens_fast.configs": "configs"},
+    package_data={"lens_fast.configs": ["*.yaml", "architectures/*.json"]},
     ext_modules=[CMakeExtension("lens_fast._C")],
     cmdclass={"build_ext": CMakeBuild},
     install_requires=[

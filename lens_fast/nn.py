@@ -171,12 +171,20 @@ class FusedMaskDecoder(MaskDecoder):
         sparse_prompt_embeddings: torch.Tensor,
         dense_prompt_embeddings: torch.Tensor,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(masks (B, num_mask_tokens, 4h, 4w), iou_pred (B, num_mask_tokens)), as ``MaskDecoder``."""
+        """(masks (B, num_mask_tokens, 4h, 4w), iou_pred (B, num_mask_tokens)), as ``MaskDecoder``.
+
+        ``image_embeddings``: (1, C, h, w) shared by the B prompts (SAM), or (B, C, h, w), one image
+        per prompt (a batch of prompts on different images in one call).
+        """
         prompts = sparse_prompt_embeddings.shape[0]
+        if image_embeddings.shape[0] not in (1, prompts):
+            raise ValueError(
+                f"image_embeddings must have 1 or {prompts} (one per prompt) images, got {image_embeddings.shape[0]}"
+            )
         output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
         tokens = torch.cat((output_tokens.unsqueeze(0).expand(prompts, -1, -1), sparse_prompt_embeddings), dim=1)
-        # Every prompt reads the image embedding (plus its dense prompt) and the positional encoding.
-        image = torch.repeat_interleave(image_embeddings, prompts, dim=0) + dense_prompt_embeddings
+        # Every prompt reads its image embedding (plus its dense prompt) and the positional encoding.
+        image = image_embeddings.expand(prompts, -1, -1, -1) + dense_prompt_embeddings
         image_pe = torch.repeat_interleave(image_pe, prompts, dim=0)
         height, width = image.shape[-2:]
         token_out, image_tokens = self.transformer(image, image_pe, tokens)

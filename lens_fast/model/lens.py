@@ -1,0 +1,285 @@
+"""``LensModel``: the Qwen2.5-VL policy, context queries + connector, and SAM, with the calls a trainer
+needs (encode once, generate, score completions, masks) and ``segment()`` for inference.
+
+Frames: ``original_sizes`` are each image's own (H, W); ``policy_sizes`` the (h, w) the policy saw
+after Qwen's smart resize, in which its answers' boxes are written. Every box this class returns is
+xyxy in original pixels.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from lens_fast import ops
+from lens_fast.model import prompts as prompt_text
+from lens_fast.model.config import LensConfig
+from lens_fast.model.connector import Connector, ContextQueries
+from lens_fast.model.image_processing import ImageLike, QwenPatchConfig, load_image, qwen_patches
+from lens_fast.model.policy import Completions, Policy, PromptBatch
+from lens_fast.model.segmenter import NO_MASK_LOGIT, Segmenter
+from lens_fast.rewards import parse_answer
+
+log = logging.getLogger("lens_fast.model")
+
+
+@dataclass
+class Segmentation:
+    """One expression's result: ``mask`` bool [H, W] at the image's own size; ``box`` xyxy original
+    pixels (the policy's answer) or None; ``text`` the policy's answer; ``score`` SAM's predicted IoU."""
+
+    mask: np.ndarray
+    box: Optional[tuple[float, float, float, float]]
+    text: str
+    score: float
+
+
+@dataclass
+class ImageBatch:
+    """B images ready for both models: RGB uint8 arrays, their (H, W) ``original_sizes`` and the
+    policy's (h, w) ``policy_sizes`` (int64 [B, 2]), Qwen patches (concatenated) and grids [B, 3]."""
+
+    images: list[np.ndarray]
+    original_sizes: torch.Tensor
+    policy_sizes: torch.Tensor
+    pixel_values: torch.Tensor
+    grid_thw: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+
+@dataclass
+class ImageCache:
+    """One encoding per image, shared by every completion of its group and every pass over them:
+    ``vision``: the policy's image tokens, one [n_i, hidden] per image; ``sam``: SAM's image
+    embeddings [B, C, e, e]."""
+
+    vision: list[torch.Tensor]
+    sam: torch.Tensor
+
+
+def check_expressions(expressions: object, count: int) -> list[str]:
+    if isinstance(expressions, str) or not isinstance(expressions, Sequence):
+        raise TypeError(f"expressions must be a list of strings, got {type(expressions).__name__}")
+    if len(expressions) != count:
+        raise ValueError(f"got {count} images but {len(expressions)} expressions: give one expression per image")
+    for i, expression in enumerate(expressions):
+        if not isinstance(expression, str):
+            raise TypeError(f"expressions[{i}] must be a string, got {type(expression).__name__}")
+        if not expression.strip():
+            raise ValueError(f"expressions[{i}] is empty")
+    return list(expressions)
+
+
+class LensModel(nn.Module):
+    """A LENS model. Build it with :func:`lens_fast.model.build_tiny_lens`,
+    :meth:`from_pretrained` or :meth:`from_components`."""
+
+    def __init__(self, config: LensConfig, policy: Policy, segmenter: Segmenter) -> None:
+        super().__init__()
+        self.config = config
+        self.policy = policy
+        self.segmenter = segmenter
+        if config.mode == "queries":
+            hidden = policy.hidden_size
+            sam = config.sam_config
+            self.queries = ContextQueries(config.num_queries, hidden, config.query_init_std)
+            self.connector = Connector(
+                config.num_queries, hidden, sam.prompt_embed_dim, config.connector_depth,
+                config.connector_heads, config.connector_mlp_ratio,
+            )
+        vision = policy.model.config.vision_config
+        self.patching = QwenPatchConfig(
+            vision.patch_size, vision.spatial_merge_size, vision.temporal_patch_size, config.min_pixels, config.max_pixels
+        )
+
+    @classmethod
+    def from_pretrained(cls, directory, **kwargs) -> "LensModel":
+        """Load our checkpoint (see :func:`lens_fast.model.build.from_pretrained`)."""
+        from lens_fast.model.build import from_pretrained
+
+        return from_pretrained(directory, **kwargs)
+
+    @classmethod
+    def from_components(cls, qwen_dir, sam_checkpoint, sam_type: str = "vit_l", **kwargs) -> "LensModel":
+        """Released Qwen2.5-VL + SAM weights (see :func:`lens_fast.model.build.from_components`)."""
+        from lens_fast.model.build import from_components
+
+        return from_components(qwen_dir, sam_checkpoint, sam_type, **kwargs)
+
+    def save_pretrained(self, directory) -> None:
+        """Write config, weights and tokenizer (see :func:`lens_fast.model.build.save_pretrained`)."""
+        from lens_fast.model.build import save_pretrained
+
+        save_pretrained(self, directory)
+
+    @property
+    def tokenizer(self):
+        return self.policy.tokenizer
+
+    @property
+    def device(self) -> torch.device:
+        return self.policy.lm_head.weight.device
+
+    # ---- inputs -------------------------------------------------------------------------------------
+    def prepare_images(self, images: Sequence[ImageLike]) -> ImageBatch:
+        """Images (PIL of any mode, uint8 arrays [H, W(, 3|4)], or paths) -> :class:`ImageBatch`."""
+        if isinstance(images, (str, np.ndarray)) or not isinstance(images, Sequence):
+            raise TypeError(f"images must be a list of images, got {type(images).__name__}")
+        rgb = [load_image(image, f"images[{i}]") for i, image in enumerate(images)]
+        patches, grids, sizes = zip(*(qwen_patches(image, self.patching) for image in rgb)) if rgb else ((), (), ())
+        return ImageBatch(
+            images=rgb,
+            original_sizes=torch.tensor([image.shape[:2] for image in rgb], dtype=torch.int64).view(-1, 2),
+            policy_sizes=torch.tensor(sizes, dtype=torch.int64).view(-1, 2),
+            pixel_values=torch.cat(patches) if patches else torch.empty(0),
+            grid_thw=torch.tensor(grids, dtype=torch.int64).view(-1, 3),
+        )
+
+    def prompt_texts(self, expressions: Sequence[str]) -> list[str]:
+        """Chat-formatted prompts (system, user with the image and question, the assistant's turn opened)."""
+        style = self.config.prompt_style
+        return [
+            self.tokenizer.apply_chat_template(prompt_text.messages(e, style), tokenize=False, add_generation_prompt=True)
+            for e in expressions
+        ]
+
+    def tokenize_prompts(self, images: ImageBatch, expressions: Sequence[str]) -> PromptBatch:
+        expressions = check_expressions(expressions, len(images))
+        return self.policy.tokenize_prompts(self.prompt_texts(expressions), images.grid_thw)
+
+    def encode(self, images: ImageBatch, *, sam: bool = True) -> ImageCache:
+        """The policy's vision encoding and (with ``sam``) SAM's image embedding, once per image."""
+        vision = self.policy.encode_images(images.pixel_values.to(self.device), images.grid_thw.to(self.device))
+        embeddings = self.segmenter.embed_images(images.images) if sam else torch.empty(0)
+        return ImageCache(vision, embeddings)
+
+    def answer_ids(self, expressions: Sequence[str], boxes: torch.Tensor, policy_sizes: torch.Tensor,
+                   original_sizes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher-forcing targets: the answer for each original-pixel xyxy box [B, 4] (written in the
+        policy's frame) + end-of-turn, right-padded: (ids int64 [B, L], mask bool [B, L])."""
+        frame_boxes = boxes.float() * (policy_sizes / original_sizes).flip(-1).repeat(1, 2).float()
+        end = self.tokenizer.convert_ids_to_tokens(self.policy.end_ids[0])
+        rows = [
+            self.tokenizer(prompt_text.answer(e, box.tolist(), self.config.prompt_style) + end, add_special_tokens=False)["input_ids"]
+            for e, box in zip(expressions, frame_boxes)
+        ]
+        length = max(len(r) for r in rows)
+        ids = torch.full((len(rows), length), self.policy.pad_id, dtype=torch.int64)
+        mask = torch.zeros(len(rows), length, dtype=torch.bool)
+        for i, row in enumerate(rows):
+            ids[i, : len(row)] = torch.tensor(row)
+            mask[i, : len(row)] = True
+        return ids.to(self.device), mask.to(self.device)
+
+    # ---- the calls a trainer makes -----------------------------------------------------------------
+    def generate(self, prompts: PromptBatch, cache: ImageCache, **sampling) -> Completions:
+        """Completions with the KV cache; see :meth:`Policy.generate` for ``sampling``."""
+        sampling.setdefault("max_new_tokens", self.config.max_new_tokens)
+        return self.policy.generate(prompts, cache.vision, **sampling)
+
+    def forward_completions(
+        self, prompts: PromptBatch, cache: ImageCache, completions: Completions
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """One pass: (hidden states predicting each completion token [N, L, hidden], context-query
+        states [N, Q, hidden] in ``queries`` mode, else None)."""
+        queries = self.queries(completions.ids.shape[0]) if self.config.mode == "queries" else None
+        return self.policy.forward_completions(prompts, cache.vision, completions.ids, completions.mask, queries)
+
+    def masks_from_queries(self, query_states: torch.Tensor, sam_embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """LENS: connector token -> SAM. ``query_states`` [N, Q, hidden], ``sam_embeddings`` [N, C, e, e]
+        (row i's image) -> (low-res logits [N, 4e, 4e], predicted IoU [N])."""
+        token = self.connector(query_states)
+        return self.segmenter.decode(sam_embeddings, tokens=token.to(sam_embeddings.dtype))
+
+    def masks_from_answers(
+        self, texts: Sequence[str], sam_embeddings: torch.Tensor, policy_sizes: torch.Tensor, original_sizes: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, list[Optional[tuple]]]:
+        """Seg-Zero: SAM prompted with each answer's parsed box and points. ``texts`` [N],
+        ``sam_embeddings`` [N, C, e, e], sizes int64 [N, 2] -> (low-res logits [N, 4e, 4e] (an answer
+        without a box gets an empty mask), predicted IoU [N] (0 there), boxes in original pixels)."""
+        side = self.segmenter.low_res_size
+        device = sam_embeddings.device
+        low_res = torch.full((len(texts), side, side), NO_MASK_LOGIT, device=device, dtype=sam_embeddings.dtype)
+        score = torch.zeros(len(texts), device=device)
+        boxes: list[Optional[tuple]] = [None] * len(texts)
+        scale = (original_sizes / policy_sizes).flip(-1).double()  # (W / w, H / h)
+        by_points: dict[int, list[int]] = {}
+        parsed = [parse_answer(t) for t in texts]
+        for i, answer in enumerate(parsed):
+            if answer.box is not None:
+                boxes[i] = tuple((torch.tensor(answer.box, dtype=torch.float64) * scale[i].repeat(2)).tolist())
+                by_points.setdefault(len(answer.objects[0].points), []).append(i)
+        for count, rows in by_points.items():
+            index = torch.tensor(rows, device=device)
+            sizes = original_sizes[rows].to(device)
+            box = torch.tensor([boxes[i] for i in rows], dtype=torch.float32, device=device).view(-1, 2, 2)
+            points = None
+            if count:
+                pts = torch.tensor([parsed[i].objects[0].points for i in rows], dtype=torch.float64) * scale[rows][:, None]
+                points = self.segmenter.to_input_frame(pts.float().to(device), sizes)
+            masks, iou = self.segmenter.decode(
+                sam_embeddings[index], boxes=self.segmenter.to_input_frame(box, sizes).view(-1, 4), points=points
+            )
+            low_res[index] = masks.to(low_res.dtype)
+            score[index] = iou.float()
+        return low_res, score, boxes
+
+    def policy_boxes(self, texts: Sequence[str], policy_sizes: torch.Tensor, original_sizes: torch.Tensor) -> list[Optional[tuple]]:
+        """Each answer's first box, from the policy's frame to original pixels (None when it gave none)."""
+        scale = (original_sizes / policy_sizes).flip(-1).double()
+        out: list[Optional[tuple]] = []
+        for i, text in enumerate(texts):
+            box = parse_answer(text).box
+            out.append(None if box is None else tuple((torch.tensor(box, dtype=torch.float64) * scale[i].repeat(2)).tolist()))
+        return out
+
+    def decode_text(self, completions: Completions) -> list[str]:
+        """Completion texts, special tokens kept (the grounding answer is written with them), the
+        end-of-turn token and padding dropped."""
+        out = []
+        for ids, mask in zip(completions.ids.tolist(), completions.mask.tolist()):
+            kept = [t for t, m in zip(ids, mask) if m and t not in self.policy.end_ids]
+            out.append(self.tokenizer.decode(kept, skip_special_tokens=False))
+        return out
+
+    # ---- inference -----------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def segment(
+        self, images: Sequence[ImageLike], expressions: Sequence[str], *, batch_size: int = 8,
+        max_new_tokens: Optional[int] = None,
+    ) -> list[Segmentation]:
+        """Greedy answer + mask for each (image, expression) pair, ``batch_size`` pairs at a time."""
+        if isinstance(images, (str, np.ndarray)) or not isinstance(images, Sequence):
+            raise TypeError(f"images must be a list of images, got {type(images).__name__}")
+        expressions = check_expressions(expressions, len(images))
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        results: list[Segmentation] = []
+        for start in range(0, len(images), batch_size):
+            batch = self.prepare_images(images[start : start + batch_size])
+            results += self._segment_batch(batch, expressions[start : start + batch_size], max_new_tokens)
+        return results
+
+    def _segment_batch(self, images: ImageBatch, expressions: Sequence[str], max_new_tokens: Optional[int]) -> list[Segmentation]:
+        prompts = self.tokenize_prompts(images, expressions)
+        cache = self.encode(images)
+        completions = self.generate(prompts, cache, max_new_tokens=max_new_tokens or self.config.max_new_tokens, temperature=0.0)
+        texts = self.decode_text(completions)
+        if self.config.mode == "queries":
+            _, states = self.forward_completions(prompts, cache, completions)
+            low_res, score = self.masks_from_queries(states, cache.sam)
+            boxes = self.policy_boxes(texts, images.policy_sizes, images.original_sizes)
+        else:
+            low_res, score, boxes = self.masks_from_answers(texts, cache.sam, images.policy_sizes, images.original_sizes)
+        side = self.segmenter.image_size
+        out = []
+        for i, (height, width) in enumerate(images.original_sizes.tolist()):
+            mask = ops.postprocess_masks(low_res[i].float(), (side, side), (height, width), threshold=0.0)
+            out.append(Segmentation(mask.cpu().numpy(), boxes[i], texts[i], float(score[i])))
+        return out

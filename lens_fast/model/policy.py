@@ -1,0 +1,288 @@
+"""The policy: ``transformers``' Qwen2.5-VL as released, driven with cached image encodings.
+
+Prompts are left-padded, completions right-padded. One vision encoding per image serves the prompt's
+prefill and every completion of its group; the multimodal rotary positions (M-RoPE) are computed here
+from the token ids and image grids (the rule of ``Qwen2_5_VLModel.get_rope_index``), so generation,
+teacher-forced scoring and the context queries all agree on positions.
+"""
+from __future__ import annotations
+
+import inspect
+import logging
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import DynamicCache, Qwen2_5_VLForConditionalGeneration
+
+from lens_fast.model.tokenizer import special_token_ids
+
+log = logging.getLogger("lens_fast.model")
+
+
+@dataclass
+class PromptBatch:
+    """B tokenized prompts, left-padded to P tokens, each with one image.
+
+    input_ids / attention_mask: int64 [B, P]; positions: int64 [3, B, P] (M-RoPE; pads 0);
+    next_position: int64 [B], the position of the first token after each prompt.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    positions: torch.Tensor
+    next_position: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
+
+
+@dataclass
+class Completions:
+    """N = B * G sampled completions (row b * G + g answers prompt b), right-padded to L tokens.
+
+    ids: int64 [N, L] (pad id after the end); mask: bool [N, L], True for tokens of the completion
+    (up to and including its end-of-turn token); truncated: bool [N], True where no end-of-turn token
+    came within ``max_new_tokens``.
+    """
+
+    ids: torch.Tensor
+    mask: torch.Tensor
+    truncated: torch.Tensor
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return self.mask.sum(1)
+
+
+def mrope_positions(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, grid_thw: torch.Tensor, image_token_id: int, merge_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Qwen2.5-VL's M-RoPE positions of left-padded prompts with one image each.
+
+    Text tokens count up on all three axes; an image of (t, h, w) patches occupies (h/m) x (w/m) tokens
+    whose (temporal, row, column) positions are offset by the text before it; text after it resumes at
+    that offset + max(h/m, w/m). Returns (positions int64 [3, B, P], next position int64 [B]).
+    """
+    batch, length = input_ids.shape
+    positions = torch.zeros(3, batch, length, dtype=torch.int64, device=input_ids.device)
+    next_position = torch.zeros(batch, dtype=torch.int64, device=input_ids.device)
+    for b in range(batch):
+        valid = attention_mask[b].bool()
+        ids = input_ids[b, valid]
+        is_image = ids == image_token_id
+        _, gh, gw = (int(v) for v in grid_thw[b])
+        h, w = gh // merge_size, gw // merge_size
+        if int(is_image.sum()) != h * w:
+            raise ValueError(f"prompt {b} has {int(is_image.sum())} image tokens, its image grid needs {h * w}")
+        start = int(is_image.nonzero()[0]) if h * w else len(ids)
+        row = torch.arange(len(ids), device=ids.device).expand(3, -1).clone()
+        grid = torch.stack(
+            [
+                torch.zeros(h * w, dtype=torch.int64, device=ids.device),
+                torch.arange(h, device=ids.device).repeat_interleave(w),
+                torch.arange(w, device=ids.device).repeat(h),
+            ]
+        )
+        row[:, start : start + h * w] = grid + start
+        row[:, start + h * w :] += max(h, w) - h * w
+        positions[:, b, valid] = row
+        next_position[b] = int(row.max()) + 1
+    return positions, next_position
+
+
+def sample_next(
+    logits: torch.Tensor, temperature: float, top_k: int, top_p: float, generator: Optional[torch.Generator] = None
+) -> torch.Tensor:
+    """One token per row of float logits [N, V]: greedy when ``temperature`` is 0, else sampled from
+    softmax(logits / temperature) restricted to the ``top_k`` most likely tokens (0 = all) and to the
+    smallest set whose probability reaches ``top_p``."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if 0 < top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cumulative - sorted_logits.softmax(-1) >= top_p  # keep tokens until top_p is reached
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+class Policy(nn.Module):
+    """A ``Qwen2_5_VLForConditionalGeneration`` and its tokenizer."""
+
+    def __init__(self, model: Qwen2_5_VLForConditionalGeneration, tokenizer) -> None:
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+        ids = special_token_ids(tokenizer)
+        self.image_token_id = ids["<|image_pad|>"]
+        self.end_ids = (ids["<|im_end|>"], ids["<|endoftext|>"])
+        self.pad_id = ids["<|endoftext|>"]
+        if model.config.image_token_id != self.image_token_id:
+            raise ValueError(
+                f"the model's image_token_id {model.config.image_token_id} is not the tokenizer's "
+                f"<|image_pad|> id {self.image_token_id}"
+            )
+        params = inspect.signature(self.language_model.forward).parameters
+        self._cache_arg = "cache" if "cache" in params else "past_key_values"  # renamed across transformers 5.x
+
+    @property
+    def language_model(self) -> nn.Module:
+        return self.model.model.language_model
+
+    @property
+    def visual(self) -> nn.Module:
+        return self.model.model.visual
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.model.config.text_config.hidden_size)
+
+    @property
+    def merge_size(self) -> int:
+        return int(self.model.config.vision_config.spatial_merge_size)
+
+    def encode_images(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> list[torch.Tensor]:
+        """Patches of B images (concatenated) -> their merged vision tokens, one [n_i, hidden] each."""
+        out = self.visual(pixel_values.to(self.visual.dtype), grid_thw=grid_thw)
+        merged = out.pooler_output if hasattr(out, "pooler_output") else out
+        sizes = (grid_thw.prod(-1) // self.merge_size**2).tolist()
+        return list(torch.split(merged, sizes))
+
+    def tokenize_prompts(self, texts: Sequence[str], grid_thw: torch.Tensor) -> PromptBatch:
+        """Chat-formatted prompts, each with one ``<|image_pad|>``, expanded to its image's token count."""
+        device = self.lm_head.weight.device
+        rows = []
+        for text, grid in zip(texts, grid_thw.tolist()):
+            count = grid[0] * grid[1] * grid[2] // self.merge_size**2
+            rows.append(self.tokenizer(text.replace("<|image_pad|>", "<|image_pad|>" * count), add_special_tokens=False)["input_ids"])
+        length = max(len(r) for r in rows)
+        input_ids = torch.full((len(rows), length), self.pad_id, dtype=torch.int64)
+        attention_mask = torch.zeros(len(rows), length, dtype=torch.int64)
+        for b, row in enumerate(rows):
+            input_ids[b, length - len(row):] = torch.tensor(row)
+            attention_mask[b, length - len(row):] = 1
+        positions, next_position = mrope_positions(input_ids, attention_mask, grid_thw, self.image_token_id, self.merge_size)
+        return PromptBatch(input_ids.to(device), attention_mask.to(device), positions.to(device), next_position.to(device))
+
+    @property
+    def lm_head(self) -> nn.Linear:
+        return self.model.lm_head
+
+    def embed_prompts(self, prompts: PromptBatch, image_embeds: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Token embeddings [B, P, hidden] with each prompt's image tokens replaced by its image's encoding."""
+        embeds = self.language_model.embed_tokens(prompts.input_ids)
+        is_image = prompts.input_ids == self.image_token_id
+        return embeds.masked_scatter(is_image.unsqueeze(-1), torch.cat(list(image_embeds)).to(embeds.dtype))
+
+    def run(
+        self, embeds: torch.Tensor, positions: torch.Tensor, attention_mask: torch.Tensor, cache: Optional[DynamicCache] = None
+    ) -> torch.Tensor:
+        """The language model over [N, T, hidden] embeddings -> last hidden states [N, T, hidden]."""
+        out = self.language_model(
+            inputs_embeds=embeds, position_ids=positions, attention_mask=attention_mask,
+            use_cache=cache is not None, **{self._cache_arg: cache},
+        )
+        return out.last_hidden_state
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: PromptBatch,
+        image_embeds: Sequence[torch.Tensor],
+        *,
+        num_generations: int = 1,
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        generator: Optional[torch.Generator] = None,
+    ) -> Completions:
+        """``num_generations`` completions per prompt with a KV cache: the prompts are prefilled once and
+        their cache repeated for the group. ``temperature`` 0 is greedy."""
+        group = num_generations
+        cache = DynamicCache(config=self.model.config.text_config)
+        hidden = self.run(self.embed_prompts(prompts, image_embeds), prompts.positions, prompts.attention_mask, cache)
+        logits = self.lm_head(hidden[:, -1])
+        if group > 1:
+            cache.batch_repeat_interleave(group)
+            logits = logits.repeat_interleave(group, 0)
+        attention_mask = prompts.attention_mask.repeat_interleave(group, 0)
+        position = prompts.next_position.repeat_interleave(group, 0)
+        count = logits.shape[0]
+        device = logits.device
+        ids = torch.full((count, max_new_tokens), self.pad_id, dtype=torch.int64, device=device)
+        done = torch.zeros(count, dtype=torch.bool, device=device)
+        ends = torch.tensor(self.end_ids, device=device)
+        steps = 0
+        for step in range(max_new_tokens):
+            token = sample_next(logits, temperature, top_k, top_p, generator)
+            token = torch.where(done, self.pad_id, token)
+            ids[:, step] = token
+            steps = step + 1
+            done = done | torch.isin(token, ends)
+            if bool(done.all()) or step + 1 == max_new_tokens:
+                break
+            attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], 1)
+            pos = (position + step).view(1, count, 1).expand(3, -1, -1)
+            hidden = self.run(self.language_model.embed_tokens(token[:, None]), pos, attention_mask, cache)
+            logits = self.lm_head(hidden[:, -1])
+        ids = ids[:, :steps]
+        ended = torch.isin(ids, ends)
+        truncated = ~ended.any(1)
+        length = torch.where(truncated, steps, ended.int().argmax(1) + 1)
+        mask = torch.arange(steps, device=device)[None] < length[:, None]
+        return Completions(ids.masked_fill(~mask, self.pad_id), mask, truncated)
+
+    def forward_completions(
+        self,
+        prompts: PromptBatch,
+        image_embeds: Sequence[torch.Tensor],
+        completion_ids: torch.Tensor,
+        completion_mask: torch.Tensor,
+        queries: Optional[torch.Tensor] = None,
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Teacher-forced pass over prompt + completion (+ context queries) for N = B * G rows.
+
+        ``completion_ids`` int64 [N, L], ``completion_mask`` bool [N, L] (right-padded); ``queries``
+        [N, Q, hidden] or None. Layout per row: [left pad | prompt | completion | pad | queries]; the
+        queries sit right after each completion in position (pads are masked out), and causal attention
+        keeps them from changing any text state. Returns (hidden states that predict each completion
+        token [N, L, hidden], query states [N, Q, hidden] or None).
+        """
+        count, length = completion_ids.shape
+        group = count // len(prompts)
+        if group * len(prompts) != count:
+            raise ValueError(f"{count} completions are not a whole number of groups of {len(prompts)} prompts")
+        prompt_embeds = self.embed_prompts(prompts, image_embeds).repeat_interleave(group, 0)
+        mask = completion_mask.to(torch.int64)
+        parts = [prompt_embeds, self.language_model.embed_tokens(completion_ids)]
+        start = prompts.next_position.repeat_interleave(group, 0)
+        steps = torch.arange(length, device=start.device)
+        text_positions = [prompts.positions.repeat_interleave(group, 1), (start[:, None] + steps).expand(3, -1, -1)]
+        masks = [prompts.attention_mask.repeat_interleave(group, 0), mask]
+        if queries is not None:
+            parts.append(queries.to(prompt_embeds.dtype))
+            after = start + mask.sum(1)
+            q = torch.arange(queries.shape[1], device=start.device)
+            text_positions.append((after[:, None] + q).expand(3, -1, -1))
+            masks.append(torch.ones(count, queries.shape[1], dtype=torch.int64, device=mask.device))
+        hidden = self.run(torch.cat(parts, 1), torch.cat(text_positions, 2), torch.cat(masks, 1))
+        prompt_length = prompts.input_ids.shape[1]
+        token_hidden = hidden[:, prompt_length - 1 : prompt_length - 1 + length]
+        query_states = hidden[:, prompt_length + length :] if queries is not None else None
+        return token_hidden, query_states
+
+    def token_logprobs(self, hidden: torch.Tensor, ids: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+        """log p(ids) under softmax(lm_head(hidden) / temperature): [N, L, hidden], int64 [N, L] -> float32 [N, L]."""
+        logits = self.lm_head(hidden).float()
+        if temperature != 1.0:
+            logits = logits / temperature
+        return torch.gather(F.log_softmax(logits, -1), -1, ids.unsqueeze(-1)).squeeze(-1)

@@ -1,0 +1,130 @@
+"""SAM as the segmenter: segment_anything's image encoder, prompt encoder and (fused) mask decoder.
+
+Frames: SAM sees each image squashed to ``image_size`` x ``image_size``; boxes and points given here
+are xyxy / xy pixels of the original image and are mapped into that square. Masks come back as SAM's
+low-res logits [N, 4e, 4e] (e = the embedding grid side; 256 x 256 for the real models), to be
+resized to each image's own size by ``ops.postprocess_masks`` with ``input_size = (S, S)``.
+"""
+from __future__ import annotations
+
+from functools import partial
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+from torch import nn
+
+from lens_fast.model.config import SamConfig
+from lens_fast.model.image_processing import SAM_PIXEL_MEAN, SAM_PIXEL_STD, sam_input
+from lens_fast.nn import fuse_mask_decoder
+
+NO_MASK_LOGIT = -100.0
+"""Low-res logit of every pixel of a prompt-mode mask whose completion gave no box (an empty mask)."""
+
+
+def build_sam(config: SamConfig) -> Sam:
+    """A randomly initialised ``Sam`` with ``config``'s sizes (segment_anything's ``_build_sam`` layout)."""
+    grid = config.embedding_size
+    sam = Sam(
+        image_encoder=ImageEncoderViT(
+            depth=config.encoder_depth,
+            embed_dim=config.encoder_embed_dim,
+            img_size=config.image_size,
+            mlp_ratio=4,
+            norm_layer=partial(nn.LayerNorm, eps=1e-6),
+            num_heads=config.encoder_num_heads,
+            patch_size=config.patch_size,
+            qkv_bias=True,
+            use_rel_pos=config.use_rel_pos,
+            global_attn_indexes=config.encoder_global_attn_indexes,
+            window_size=config.window_size,
+            out_chans=config.prompt_embed_dim,
+        ),
+        prompt_encoder=PromptEncoder(
+            embed_dim=config.prompt_embed_dim,
+            image_embedding_size=(grid, grid),
+            input_image_size=(config.image_size, config.image_size),
+            mask_in_chans=config.mask_in_chans,
+        ),
+        mask_decoder=MaskDecoder(
+            num_multimask_outputs=3,
+            transformer=TwoWayTransformer(
+                depth=config.decoder_depth,
+                embedding_dim=config.prompt_embed_dim,
+                mlp_dim=config.decoder_mlp_dim,
+                num_heads=config.decoder_num_heads,
+            ),
+            transformer_dim=config.prompt_embed_dim,
+            iou_head_depth=3,
+            iou_head_hidden_dim=config.iou_head_hidden_dim,
+        ),
+        pixel_mean=list(SAM_PIXEL_MEAN),
+        pixel_std=list(SAM_PIXEL_STD),
+    )
+    return sam
+
+
+class Segmenter(nn.Module):
+    """SAM with its mask decoder fused (:func:`lens_fast.nn.fuse_mask_decoder`)."""
+
+    def __init__(self, sam: Sam) -> None:
+        super().__init__()
+        fuse_mask_decoder(sam.mask_decoder)
+        self.image_encoder = sam.image_encoder
+        self.prompt_encoder = sam.prompt_encoder
+        self.mask_decoder = sam.mask_decoder
+
+    @property
+    def image_size(self) -> int:
+        return int(self.image_encoder.img_size)
+
+    @property
+    def low_res_size(self) -> int:
+        return 4 * self.prompt_encoder.image_embedding_size[0]
+
+    def embed_images(self, images: Sequence[np.ndarray]) -> torch.Tensor:
+        """RGB uint8 [H_i, W_i, 3] images -> image embeddings [B, C, e, e] (one encoder pass each)."""
+        weight = self.image_encoder.patch_embed.proj.weight
+        x = sam_input(images, self.image_size).to(device=weight.device, dtype=weight.dtype)
+        return self.image_encoder(x)
+
+    def decode(
+        self,
+        image_embeddings: torch.Tensor,
+        *,
+        tokens: Optional[torch.Tensor] = None,
+        boxes: Optional[torch.Tensor] = None,
+        points: Optional[torch.Tensor] = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One mask per prompt: (low-res logits [N, 4e, 4e], SAM's predicted IoU [N]).
+
+        ``image_embeddings`` [N, C, e, e] (row i is prompt i's image); ``tokens`` [N, k, C] extra sparse
+        prompt tokens (LENS's connector output); ``boxes`` [N, 4] xyxy and ``points`` [N, P, 2] xy
+        (foreground clicks) in SAM's square input frame. Single-mask output (SAM's first mask token).
+        """
+        pe = self.prompt_encoder
+        prompt_points = None
+        if points is not None:
+            prompt_points = (points, torch.ones(points.shape[:2], dtype=torch.int64, device=points.device))
+        sparse, dense = pe(points=prompt_points, boxes=boxes, masks=None)
+        count = image_embeddings.shape[0]
+        if sparse.shape[0] != count:  # no point or box: the prompt encoder made one empty row
+            sparse = sparse.expand(count, -1, -1)
+            dense = dense.expand(count, -1, -1, -1)
+        if tokens is not None:
+            sparse = torch.cat([sparse.to(tokens.dtype), tokens], dim=1)
+        masks, iou = self.mask_decoder(
+            image_embeddings=image_embeddings,
+            image_pe=pe.get_dense_pe(),
+            sparse_prompt_embeddings=sparse.to(image_embeddings.dtype),
+            dense_prompt_embeddings=dense.to(image_embeddings.dtype),
+            multimask_output=False,
+        )
+        return masks[:, 0], iou[:, 0]
+
+    def to_input_frame(self, xy: torch.Tensor, original_sizes: torch.Tensor) -> torch.Tensor:
+        """Pixel points [N, ..., 2] (x, y) of images with (H, W) ``original_sizes`` [N, 2] -> SAM's square
+        input frame (boxes: view them as [N, 2, 2])."""
+        scale = self.image_size / original_sizes.flip(-1).to(xy.dtype)
+        return xy * scale.view(scale.shape[0], *([1] * (xy.dim() - 2)), 2)
