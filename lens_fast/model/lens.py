@@ -266,7 +266,11 @@ class LensModel(nn.Module):
             results += self._segment_batch(batch, expressions[start : start + batch_size], max_new_tokens)
         return results
 
-    def _segment_batch(self, images: ImageBatch, expressions: Sequence[str], max_new_tokens: Optional[int]) -> list[Segmentation]:
+    def predict(
+        self, images: ImageBatch, expressions: Sequence[str], max_new_tokens: Optional[int] = None
+    ) -> tuple[list[str], torch.Tensor, torch.Tensor, list[Optional[tuple]]]:
+        """Greedy answers and their masks: (texts, low-res logits [B, 4e, 4e] of the images squashed to
+        SAM's ``image_size``, SAM's predicted IoU [B], boxes in original pixels or None)."""
         prompts = self.tokenize_prompts(images, expressions)
         cache = self.encode(images)
         completions = self.generate(prompts, cache, max_new_tokens=max_new_tokens or self.config.max_new_tokens, temperature=0.0)
@@ -274,9 +278,12 @@ class LensModel(nn.Module):
         if self.config.mode == "queries":
             _, states = self.forward_completions(prompts, cache, completions)
             low_res, score = self.masks_from_queries(states, cache.sam)
-            boxes = self.policy_boxes(texts, images.policy_sizes, images.original_sizes)
-        else:
-            low_res, score, boxes = self.masks_from_answers(texts, cache.sam, images.policy_sizes, images.original_sizes)
+            return texts, low_res, score, self.policy_boxes(texts, images.policy_sizes, images.original_sizes)
+        low_res, score, boxes = self.masks_from_answers(texts, cache.sam, images.policy_sizes, images.original_sizes)
+        return texts, low_res, score, boxes
+
+    def _segment_batch(self, images: ImageBatch, expressions: Sequence[str], max_new_tokens: Optional[int]) -> list[Segmentation]:
+        texts, low_res, score, boxes = self.predict(images, expressions, max_new_tokens)
         side = self.segmenter.image_size
         out = []
         for i, (height, width) in enumerate(images.original_sizes.tolist()):

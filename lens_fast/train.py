@@ -1,0 +1,366 @@
+"""LENS-style training: ``python -m lens_fast.train`` (``--help`` lists every option).
+
+config -> data -> model -> for each step: rollout -> reward -> advantage -> loss -> step -> log /
+checkpoint. Stage 1 aligns (teacher-forced ground-truth answers: BCE + Dice on the masks, plus the
+answer's cross-entropy for a policy that cannot yet write boxes); stage 2 is GRPO on sampled answers
+with the policy's own masks, plus BCE + Dice. Everything else lives in ``lens_fast.training``.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import signal
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+from tqdm import tqdm
+
+from lens_fast.data import SyntheticConfig, SyntheticRefDataset
+from lens_fast.model import Completions, LensModel, build_tiny_lens, from_components, from_pretrained
+from lens_fast.training import grpo
+from lens_fast.training.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint, set_rng_state
+from lens_fast.training.config import TrainConfig, parse_args
+from lens_fast.training.log import MetricsLog, plot_curves
+from lens_fast.training.losses import answer_nll, bce_dice
+from lens_fast.training.rollout_rewards import mask_iou_from_low_res, rollout_rewards
+from lens_fast.training.validate import validate
+
+
+class Stop(Exception):
+    """The run cannot go on (repeated non-finite losses); the last good checkpoint is kept."""
+
+
+def build_datasets(config: TrainConfig):
+    """(train, val, val_full or None): val_full is the full-difficulty synthetic val split, reported
+    when training uses an easier scene configuration."""
+    if config.data == "refcoco":
+        from lens_fast.data import RefCocoDataset
+
+        kwargs = dict(split_by=config.split_by or None, image_root=config.image_root or None)
+        return (RefCocoDataset(config.data_root, config.dataset, "train", mode="train", **kwargs),
+                RefCocoDataset(config.data_root, config.dataset, config.val_split, mode="eval", **kwargs), None)
+    easy = SyntheticConfig(kinds=config.synthetic_kinds, min_radius=config.synthetic_min_radius,
+                           max_radius=config.synthetic_max_radius, max_objects=config.synthetic_max_objects)
+    train = SyntheticRefDataset("train", size=10**9, seed=config.seed, config=easy)
+    val = SyntheticRefDataset(config.val_split, seed=config.seed, config=easy)
+    full = SyntheticRefDataset(config.val_split, seed=config.seed) if easy != SyntheticConfig() else None
+    return train, val, full
+
+
+def build_model(config: TrainConfig, device: torch.device) -> LensModel:
+    model_options = dict(mode=config.mode, prompt_style=config.prompt_style, num_queries=config.num_queries,
+                         max_new_tokens=config.max_new_tokens)
+    if config.model == "tiny":
+        model = build_tiny_lens(seed=config.seed, **model_options).to(device)
+    elif config.model == "components":
+        model = from_components(config.qwen_dir, config.sam_checkpoint, config.sam_type, device=device, **model_options)
+    else:
+        model = from_pretrained(config.model, device=device)
+    if config.gradient_checkpointing:
+        model.policy.model.gradient_checkpointing_enable()
+    return model
+
+
+def parameters_of(model: LensModel, parts: Sequence[str]) -> list[torch.nn.Parameter]:
+    """Mark ``parts`` (see ``training.config.PARTS``) trainable, everything else frozen; return them."""
+    groups = {
+        "vision": [model.policy.visual],
+        "llm": [model.policy.language_model, model.policy.lm_head],
+        "queries": [getattr(model, "queries", None)],
+        "connector": [getattr(model, "connector", None)],
+        "sam_encoder": [model.segmenter.image_encoder],
+        "sam_decoder": [model.segmenter.prompt_encoder, model.segmenter.mask_decoder],
+    }
+    model.requires_grad_(False)
+    for part in parts:
+        for module in groups[part]:
+            if module is not None:
+                module.requires_grad_(True)
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def build_optimizer(params, lr: float, steps: int, config: TrainConfig, device: torch.device):
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=config.weight_decay, fused=device.type == "cuda")
+
+    def factor(step: int) -> float:
+        if step < config.warmup_steps:
+            return (step + 1) / config.warmup_steps
+        if config.lr_schedule == "constant":
+            return 1.0
+        progress = (step - config.warmup_steps) / max(1, steps - config.warmup_steps)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def next_batch(dataset, position: int, size: int):
+    samples = [dataset[(position + i) % len(dataset)] for i in range(size)]
+    return samples, position + size
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    config, args = parse_args(argv)
+    if args.plan:
+        from lens_fast.training.plan import print_plan
+
+        return print_plan(config)
+    try:
+        config.check_paths()
+    except FileNotFoundError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    output_dir = Path(config.output_dir or f"runs/{datetime.now():%Y%m%d-%H%M%S}")
+    checkpoints = output_dir / "checkpoints"
+    device = torch.device(config.device if config.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    config_dict = dataclasses.asdict(config)
+
+    # ---- resume? ---------------------------------------------------------------------------------------
+    resume_from = latest_checkpoint(checkpoints) if config.resume else None
+    if config.resume and resume_from is None:
+        print(f"error: --resume: no checkpoint under {checkpoints}", file=sys.stderr)
+        return 2
+    state = None
+    if resume_from is not None:
+        try:
+            state = load_trainer_state(resume_from, config_dict)
+        except ValueError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "config.json").write_text(json.dumps(config_dict, indent=2) + "\n")
+
+    # ---- data, model -------------------------------------------------------------------------------------
+    torch.manual_seed(config.seed)
+    train_set, val_set, val_full = build_datasets(config)
+    model = build_model(config, device) if state is None else from_pretrained(resume_from, device=device)
+    side = model.segmenter.image_size
+    total_steps = config.stage1_steps + config.stage2_steps
+    step, position, bad_steps = 0, 0, 0
+    val_history: list[dict] = []
+    wall_before = 0.0
+    if state is not None:
+        step, position, val_history, wall_before = state["step"], state["position"], state["val"], state["wall_time"]
+        set_rng_state(state["rng"])
+        print(f"resuming from {resume_from} at step {step}")
+    log = MetricsLog(output_dir, resume_step=step if state is not None else None)
+
+    stop_signal: list[int] = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda number, frame: stop_signal.append(number))
+
+    def evaluate(after: str) -> None:
+        entry = {"after": after, "step": step, **validate(model, val_set, size=config.val_size, batch_size=config.val_batch_size)}
+        if val_full is not None:
+            entry["full"] = validate(model, val_full, size=config.val_size, batch_size=config.val_batch_size)
+        val_history.append(entry)
+        print(f"val after {after}: " + ", ".join(f"{k} {v:.3f}" for k, v in entry.items() if isinstance(v, float)))
+        log.write({"step": step, "stage": "val", **{f"val/{k}": v for k, v in entry.items() if isinstance(v, float)}})
+
+    def checkpoint(name: str = "latest_step") -> None:
+        save_checkpoint(checkpoints, name, model, {
+            "config": config_dict, "step": step, "position": position, "val": val_history,
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "wall_time": wall_before + time.time() - started,
+        })
+
+    started = time.time()
+    if not val_history:
+        evaluate("start")
+    stage = "align" if step < config.stage1_steps else "grpo"
+    optimizer = scheduler = reference = None
+
+    def enter_stage(name: str) -> None:
+        nonlocal optimizer, scheduler, reference
+        if name == "align":
+            params = parameters_of(model, config.stage1_train)
+            optimizer, scheduler = build_optimizer(params, config.stage1_lr, config.stage1_steps, config, device)
+        else:
+            params = parameters_of(model, config.stage2_train)
+            optimizer, scheduler = build_optimizer(params, config.lr, config.stage2_steps, config, device)
+            if config.beta > 0:  # LENS: the reference is the stage-1 model
+                stage1 = checkpoints / "stage1"
+                reference = from_pretrained(stage1, device=device) if stage1.exists() else copy.deepcopy(model)
+                reference.requires_grad_(False).eval()
+
+    enter_stage(stage)
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+    model.train()
+    bar = tqdm(total=total_steps, initial=step, disable=not config.progress, unit="step", dynamic_ncols=True)
+    last_log = time.time()
+    try:
+        while step < total_steps:
+            if stage == "align" and step >= config.stage1_steps:
+                evaluate("stage1")
+                checkpoint("stage1")
+                stage = "grpo"
+                enter_stage(stage)
+                model.train()
+            tick = time.time()
+            record: dict = {"step": step, "stage": stage}
+
+            # ---- rollout -------------------------------------------------------------------------------
+            size = config.stage1_batch_size if stage == "align" else config.batch_size
+            samples, position = next_batch(train_set, position, size)
+            images = model.prepare_images([s.image for s in samples])
+            expressions = [s.expression for s in samples]
+            prompts = model.tokenize_prompts(images, expressions)
+            gt_masks = [torch.from_numpy(s.mask).to(device) for s in samples]
+            gt_boxes = torch.from_numpy(__import__("numpy").stack([s.box for s in samples]))
+            if stage == "align":
+                ids, mask = model.answer_ids(expressions, gt_boxes, images.policy_sizes, images.original_sizes)
+                completions = Completions(ids, mask, torch.zeros(len(samples), dtype=torch.bool, device=device))
+                group = 1
+            else:
+                group = config.num_generations
+                generator = torch.Generator(device=device).manual_seed(config.seed * 1_000_003 + step)
+                model.eval()
+                with torch.no_grad():
+                    completions = model.generate(
+                        prompts, model.encode(images, sam=False), num_generations=group, max_new_tokens=config.max_new_tokens,
+                        temperature=config.temperature, top_p=config.top_p, top_k=config.top_k, generator=generator,
+                    )
+                model.train()
+                texts = model.decode_text(completions)
+                loss_mask = completions.mask & ~completions.truncated[:, None] if config.mask_truncated_completions else completions.mask
+                ref_logp = None
+                if reference is not None:
+                    with torch.no_grad():
+                        ref_hidden, _ = reference.forward_completions(prompts, reference.encode(images, sam=False), completions)
+                        ref_logp = reference.policy.token_logprobs(ref_hidden, completions.ids, config.temperature)
+            record["time/rollout"] = time.time() - tick
+
+            # ---- forward, reward, advantage, loss, step (num_iterations updates per rollout) ---------------
+            old_logp = adv = None
+            for iteration in range(1 if stage == "align" else config.num_iterations):
+                cache = model.encode(images)
+                sam_rows = cache.sam.repeat_interleave(group, 0)
+                hidden, query_states = model.forward_completions(prompts, cache, completions)
+                logp = model.policy.token_logprobs(hidden, completions.ids, 1.0 if stage == "align" else config.temperature)
+                if model.config.mode == "queries":
+                    low_res, _ = model.masks_from_queries(query_states, sam_rows)
+                else:
+                    low_res, _, _ = model.masks_from_answers(
+                        texts, sam_rows, images.policy_sizes.repeat_interleave(group, 0), images.original_sizes.repeat_interleave(group, 0))
+                bce = dice = torch.zeros((), device=device)
+                if low_res.requires_grad:
+                    bce, dice = bce_dice(low_res, gt_masks, side)
+                if stage == "align":
+                    nll = answer_nll(logp, completions.mask)
+                    loss = config.sft_weight * nll + bce + dice
+                    record.update(answer_nll=float(nll))
+                else:
+                    if iteration == 0:
+                        tock = time.time()
+                        mask_iou = mask_iou_from_low_res(low_res, gt_masks, side)
+                        rewards = rollout_rewards(config.reward, texts, mask_iou, gt_masks, gt_boxes, images.policy_sizes,
+                                                  images.original_sizes, cot=config.prompt_style == "cot")
+                        adv = grpo.advantages(rewards.components, group, scale=config.scale_rewards,
+                                              aggregation=config.reward_aggregation).to(device)
+                        old_logp = logp.detach()
+                        record["time/reward"] = time.time() - tock
+                        for name, value in {"total": rewards.reward, **rewards.components}.items():
+                            record[f"reward/{name}/mean"] = float(value.float().mean())
+                            record[f"reward/{name}/std"] = float(value.float().std())
+                        record.update(zero_variance_groups=grpo.zero_variance_fraction(rewards.reward, group),
+                                      mask_iou=float(mask_iou.mean()),
+                                      completion_length=float(completions.lengths.float().mean()),
+                                      truncated=float(completions.truncated.float().mean()))
+                    policy_loss, stats = grpo.policy_loss(
+                        logp, old_logp, adv, loss_mask, ref_logp=ref_logp, beta=config.beta, epsilon=config.epsilon,
+                        epsilon_high=config.epsilon_high, importance_sampling_level=config.importance_sampling_level,
+                        loss_type=config.loss_type, max_completion_length=config.max_new_tokens,
+                    )
+                    loss = policy_loss + config.mask_loss_weight * (bce + dice)
+                    record.update(policy_loss=float(policy_loss), kl=stats.kl, clip_fraction=stats.clip_fraction)
+                record.update(loss=float(loss), bce=float(bce), dice=float(dice))
+                optimizer.zero_grad(set_to_none=True)
+                if not torch.isfinite(loss):
+                    bad_steps += 1
+                    log.write({"step": step, "stage": stage, "skipped": "non-finite loss", "loss": None})
+                    if bad_steps >= config.max_bad_steps:
+                        raise Stop(f"{bad_steps} consecutive non-finite losses at step {step}")
+                    break
+                bad_steps = 0
+                loss.backward()
+                grad_norm = torch.nn.utils.clip_grad_norm_(
+                    [p for g in optimizer.param_groups for p in g["params"]], config.grad_clip or float("inf"))
+                optimizer.step()
+                record["grad_norm"] = float(grad_norm)
+            scheduler.step()
+            step += 1
+            bar.update(1)
+
+            # ---- log / checkpoint --------------------------------------------------------------------------
+            elapsed = time.time() - tick
+            tokens = int(completions.mask.sum()) + prompts.attention_mask.sum().item() * group
+            record.update(lr=scheduler.get_last_lr()[0], step_time=elapsed, samples_per_s=len(completions.ids) / elapsed,
+                          tokens_per_s=tokens / elapsed,
+                          peak_memory_gb=(torch.cuda.max_memory_allocated() / 2**30) if device.type == "cuda" else None)
+            if step % config.log_every == 0 or step == total_steps:
+                log.write(record)
+                shown = {k: record[k] for k in ("loss", "reward/total/mean", "reward/box/mean", "reward/mask/mean") if k in record}
+                bar.set_postfix({k.split("/")[-2] if "/" in k else k: f"{v:.3f}" for k, v in shown.items()}, refresh=False)
+            if stop_signal:
+                checkpoint()
+                print(f"\nstopped by signal {stop_signal[0]} at step {step}; checkpoint written. Resume with --resume "
+                      f"--output-dir {output_dir}")
+                return 0
+            if step % config.checkpoint_every == 0:
+                checkpoint()
+            if time.time() - last_log > 60 and not config.progress:
+                print(f"step {step}/{total_steps} " + json.dumps({k: round(v, 4) for k, v in record.items() if isinstance(v, float)}))
+                last_log = time.time()
+    except Stop as error:
+        print(f"error: {error}; the last good checkpoint is kept under {checkpoints}", file=sys.stderr)
+        return 1
+    finally:
+        bar.close()
+
+    evaluate("stage1" if config.stage2_steps == 0 else "stage2")
+    checkpoint("final")
+    wall = wall_before + time.time() - started
+    summary = {"val": [{k: v for k, v in e.items() if k != "full"} for e in val_history], "wall_time_s": wall, "steps": step}
+    if val_full is not None:
+        summary["val_full"] = [{"after": e["after"], **e["full"]} for e in val_history]
+    summary["stage2_box_reward"] = box_reward_rise(log.records())
+    (output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    plot_curves(log.records(), summary["val"], output_dir / "curves.png")
+    log.close()
+    print(summary_table(summary))
+    print(f"wrote {output_dir}/summary.json, metrics.jsonl, curves.png, checkpoints/final")
+    return 0
+
+
+def box_reward_rise(records: list[dict]) -> Optional[dict]:
+    """Mean stage-2 box reward over the first and the last tenth of the logged stage-2 steps."""
+    values = [r["reward/box/mean"] for r in records if r.get("stage") == "grpo" and "reward/box/mean" in r]
+    if not values:
+        return None
+    tenth = max(1, len(values) // 10)
+    first, last = sum(values[:tenth]) / tenth, sum(values[-tenth:]) / tenth
+    return {"first_tenth": first, "last_tenth": last, "rise": last - first}
+
+
+def summary_table(summary: dict) -> str:
+    lines = ["validation (held out)   gIoU    cIoU   box IoU"]
+    for name in ("val", "val_full"):
+        for entry in summary.get(name, []):
+            label = f"{'' if name == 'val' else 'full '}{entry['after']}"
+            lines.append(f"  {label:<20} {entry['mask_iou']:.3f}   {entry['cIoU']:.3f}   {entry['box_iou']:.3f}")
+    rise = summary.get("stage2_box_reward")
+    if rise:
+        lines.append(f"stage-2 box reward: {rise['first_tenth']:.3f} -> {rise['last_tenth']:.3f} (rise {rise['rise']:+.3f})")
+    lines.append(f"wall time {summary['wall_time_s']:.0f} s")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,234 @@
+"""The training config: a dataclass of defaults (the embedded tiny run), a YAML file (``--config``) and
+``--key value`` overrides; every value is checked before any model is built."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import yaml
+
+from lens_fast.data.synthetic import KINDS
+from lens_fast.model.config import MODES
+from lens_fast.model.prompts import PROMPT_STYLES
+from lens_fast.training.grpo import AGGREGATIONS, IMPORTANCE_LEVELS, LOSS_TYPES, SCALE_REWARDS
+from lens_fast.training.rollout_rewards import REWARDS
+
+PARTS = ("vision", "llm", "queries", "connector", "sam_encoder", "sam_decoder")
+"""Trainable groups: the policy's vision tower, its language model (+ LM head), the context queries,
+the connector, SAM's image encoder, SAM's prompt encoder + mask decoder."""
+
+
+@dataclass
+class TrainConfig:
+    """Defaults: the embedded tiny run (tiny model, synthetic data, CPU, ~10 minutes on 2 cores).
+    ``configs/lens_qwen2.5vl_3b.yaml`` holds LENS's real recipe."""
+
+    # run
+    output_dir: str = ""  # default runs/<timestamp>
+    resume: bool = False  # continue from <output_dir>/checkpoints/latest
+    seed: int = 0
+    device: str = "auto"  # auto: cuda when available, else cpu
+    log_every: int = 10
+    checkpoint_every: int = 200  # steps; also at each stage's end and on SIGINT/SIGTERM
+    max_bad_steps: int = 5  # consecutive non-finite losses that stop the run
+    progress: bool = True
+    # model
+    model: str = "tiny"  # tiny | components | <path of a lens_fast checkpoint>
+    qwen_dir: str = ""  # model=components: a Qwen2.5-VL Hugging Face directory
+    sam_checkpoint: str = ""  # model=components: a segment_anything .pth
+    sam_type: str = "vit_l"
+    mode: str = "queries"  # queries (LENS) | prompts (Seg-Zero: frozen SAM prompted by the answer)
+    prompt_style: str = "grounding"  # grounding | cot
+    num_queries: int = 16
+    max_new_tokens: int = 40
+    gradient_checkpointing: bool = False
+    # data
+    data: str = "synthetic"  # synthetic | refcoco
+    synthetic_kinds: tuple = ("attribute",)
+    synthetic_min_radius: float = 0.12
+    synthetic_max_radius: float = 0.25
+    synthetic_max_objects: int = 4
+    data_root: str = ""  # refcoco: holds <dataset>/refs(<split_by>).p and instances.json
+    dataset: str = "refcoco"
+    split_by: str = ""
+    image_root: str = ""
+    val_split: str = "val"
+    val_size: int = 200
+    val_batch_size: int = 50
+    # stage 1: alignment (teacher-forced ground-truth answers)
+    stage1_steps: int = 1500
+    stage1_batch_size: int = 16
+    stage1_lr: float = 7e-4
+    stage1_train: tuple = PARTS  # LENS: (queries, connector)
+    sft_weight: float = 1.0  # answer cross-entropy (a random tiny policy cannot write boxes)
+    # stage 2: GRPO
+    stage2_steps: int = 150
+    stage2_train: tuple = PARTS  # LENS: everything but SAM's image encoder
+    batch_size: int = 4  # prompts per step
+    num_generations: int = 8
+    lr: float = 1e-4
+    temperature: float = 0.9
+    top_p: float = 0.9
+    top_k: int = 50
+    reward: str = "lens"  # lens | seg_zero | vision_reasoner
+    reward_aggregation: str = "sum"  # sum | normalize_then_sum
+    scale_rewards: str = "group"  # group | batch | none
+    loss_type: str = "grpo"  # grpo | dapo | dr_grpo
+    beta: float = 0.04  # k3 KL to the stage-1 model; 0 builds no reference model
+    epsilon: float = 0.2
+    epsilon_high: Optional[float] = None  # None: = epsilon (DAPO recommends 0.28)
+    num_iterations: int = 1  # updates per rollout
+    importance_sampling_level: str = "token"  # token | sequence (GSPO)
+    mask_truncated_completions: bool = True
+    mask_loss_weight: float = 1.0  # BCE + Dice on every completion's mask (LENS)
+    # optimiser
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    warmup_steps: int = 20
+    lr_schedule: str = "cosine"  # cosine | constant
+
+    def __post_init__(self) -> None:
+        self.synthetic_kinds, self.stage1_train, self.stage2_train = (
+            tuple(self.synthetic_kinds), tuple(self.stage1_train), tuple(self.stage2_train)
+        )
+        choices = dict(
+            mode=MODES, prompt_style=PROMPT_STYLES, data=("synthetic", "refcoco"), reward=REWARDS,
+            reward_aggregation=AGGREGATIONS, scale_rewards=SCALE_REWARDS, loss_type=LOSS_TYPES,
+            importance_sampling_level=IMPORTANCE_LEVELS, lr_schedule=("cosine", "constant"),
+            sam_type=("vit_b", "vit_l", "vit_h"), dataset=("refcoco", "refcoco+", "refcocog"),
+        )
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        for name, allowed, values in (("synthetic_kinds", KINDS, self.synthetic_kinds),
+                                      ("stage1_train", PARTS, self.stage1_train), ("stage2_train", PARTS, self.stage2_train)):
+            unknown = [v for v in values if v not in allowed]
+            if unknown or len(set(values)) != len(values):
+                raise ValueError(f"{name} must be distinct names from {allowed}, got {values!r}")
+        if not self.synthetic_kinds:
+            raise ValueError("synthetic_kinds must name at least one kind")
+        positive = ("log_every", "checkpoint_every", "max_bad_steps", "num_queries", "max_new_tokens", "val_batch_size",
+                    "stage1_batch_size", "batch_size", "num_generations", "num_iterations")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("stage1_steps", "stage2_steps", "val_size", "warmup_steps", "seed", "top_k"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("stage1_lr", "lr", "weight_decay", "grad_clip", "beta", "epsilon", "sft_weight", "mask_loss_weight"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.epsilon_high is not None and not self.epsilon_high >= 0:
+            raise ValueError(f"epsilon_high must be >= 0 or null, got {self.epsilon_high}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0 (sampling), got {self.temperature}")
+        if self.num_generations < 2 and self.stage2_steps:
+            raise ValueError(f"num_generations must be >= 2 for GRPO (a group of 1 has no advantage), got {self.num_generations}")
+
+    def check_paths(self) -> None:
+        """FileNotFoundError naming the first missing path this config needs."""
+        needed = []
+        if self.model == "components":
+            needed += [("qwen_dir", self.qwen_dir), ("sam_checkpoint", self.sam_checkpoint)]
+        elif self.model != "tiny":
+            needed.append(("model", self.model))
+        if self.data == "refcoco":
+            needed.append(("data_root", self.data_root))
+        for name, value in needed:
+            if not value or not Path(value).exists():
+                raise FileNotFoundError(f"{name}: path {value!r} does not exist")
+
+
+def _field_type(f: dataclasses.Field) -> Any:
+    hint = typing.get_type_hints(TrainConfig)[f.name]
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) in (typing.Union, types.UnionType) and len(args) == 1:
+        return args[0], True
+    return hint, False
+
+
+def _convert(name: str, text: Any, kind: Any, optional: bool) -> Any:
+    if optional and (text is None or (isinstance(text, str) and text.lower() in ("none", "null"))):
+        return None
+    try:
+        if kind is bool:
+            if isinstance(text, bool):
+                return text
+            if str(text).lower() in ("true", "1", "yes"):
+                return True
+            if str(text).lower() in ("false", "0", "no"):
+                return False
+            raise ValueError
+        if kind is tuple:
+            if isinstance(text, (list, tuple)):
+                return tuple(text)
+            return tuple(v for v in str(text).split(",") if v)
+        if kind is int and isinstance(text, float) and not text.is_integer():
+            raise ValueError
+        if isinstance(text, bool) and kind in (int, float):
+            raise ValueError
+        return kind(text)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}: cannot read {text!r} as {getattr(kind, '__name__', kind)}") from None
+
+
+def from_mapping(values: dict, base: Optional[TrainConfig] = None, source: str = "config") -> TrainConfig:
+    """``base`` (default: the defaults) with ``values`` applied; ValueError naming an unknown key or bad value."""
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ValueError(f"{source}: unknown key(s) {unknown}")
+    current = dataclasses.asdict(base or TrainConfig())
+    for name, value in values.items():
+        current[name] = _convert(name, value, *_field_type(fields[name]))
+    return TrainConfig(**current)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m lens_fast.train",
+        description="LENS-style two-stage training (alignment, then GRPO) of a Qwen2.5-VL + SAM referring "
+        "segmenter. With no arguments: the embedded tiny run on synthetic data (CPU, ~10 min).",
+    )
+    parser.add_argument("--config", type=Path, help="YAML file of options (command-line options override it)")
+    parser.add_argument("--plan", action="store_true", help="print the estimated peak memory per GPU and exit")
+    for f in dataclasses.fields(TrainConfig):
+        kind, _ = _field_type(f)
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        shown = ",".join(default) if isinstance(default, tuple) else default
+        parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=None, metavar=kind.__name__.upper(),
+                            help=f"default: {shown}")
+    return parser
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> tuple[TrainConfig, argparse.Namespace]:
+    """(config, parsed args). ``--config`` YAML first, then ``--key value`` overrides."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    base = TrainConfig()
+    if args.config is not None:
+        try:
+            values = yaml.safe_load(args.config.read_text()) or {}
+        except FileNotFoundError:
+            parser.error(f"--config: no such file {args.config}")
+        except yaml.YAMLError as error:
+            parser.error(f"--config: {args.config} is not valid YAML: {error}")
+        if not isinstance(values, dict):
+            parser.error(f"--config: {args.config} must hold a mapping of options")
+        try:
+            base = from_mapping(values, base, source=str(args.config))
+        except ValueError as error:
+            parser.error(str(error))
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if getattr(args, f.name) is not None}
+    try:
+        config = from_mapping(overrides, base, source="command line")
+    except ValueError as error:
+        parser.error(str(error))
+    return config, args
