@@ -18,6 +18,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Optional, Sequence
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -213,7 +214,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             expressions = [s.expression for s in samples]
             prompts = model.tokenize_prompts(images, expressions)
             gt_masks = [torch.from_numpy(s.mask).to(device) for s in samples]
-            gt_boxes = torch.from_numpy(__import__("numpy").stack([s.box for s in samples]))
+            gt_boxes = torch.from_numpy(np.stack([s.box for s in samples]))
             if stage == "align":
                 ids, mask = model.answer_ids(expressions, gt_boxes, images.policy_sizes, images.original_sizes)
                 completions = Completions(ids, mask, torch.zeros(len(samples), dtype=torch.bool, device=device))
@@ -255,7 +256,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 if stage == "align":
                     nll = answer_nll(logp, completions.mask)
                     loss = config.sft_weight * nll + bce + dice
-                    record.update(answer_nll=float(nll))
+                    record.update(answer_nll=nll.item())
                 else:
                     if iteration == 0:
                         tock = time.time()
@@ -279,8 +280,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         loss_type=config.loss_type, max_completion_length=config.max_new_tokens,
                     )
                     loss = policy_loss + config.mask_loss_weight * (bce + dice)
-                    record.update(policy_loss=float(policy_loss), kl=stats.kl, clip_fraction=stats.clip_fraction)
-                record.update(loss=float(loss), bce=float(bce), dice=float(dice))
+                    record.update(policy_loss=policy_loss.item(), kl=stats.kl, clip_fraction=stats.clip_fraction)
+                record.update(loss=loss.item(), bce=bce.item(), dice=dice.item())
                 optimizer.zero_grad(set_to_none=True)
                 if not torch.isfinite(loss):
                     bad_steps += 1

@@ -1,0 +1,116 @@
+"""The GRPO objective against hand-computed cases."""
+import math
+
+import pytest
+import torch
+
+from lens_fast.training import grpo
+
+
+def test_advantages_group_scale_matches_hand_computation():
+    adv = grpo.advantages({"r": torch.tensor([1.0, 0.0, 0.0, 1.0])}, 2)
+    s = math.sqrt(0.5)  # unbiased std of (1, 0)
+    expected = torch.tensor([0.5, -0.5, -0.5, 0.5]) / (s + 1e-4)
+    torch.testing.assert_close(adv, expected)
+
+
+def test_advantages_batch_and_none_scales():
+    rewards = {"r": torch.tensor([1.0, 0.0, 3.0, 3.0])}
+    none = grpo.advantages(rewards, 2, scale="none")
+    torch.testing.assert_close(none, torch.tensor([0.5, -0.5, 0.0, 0.0]))
+    batch = grpo.advantages(rewards, 2, scale="batch")
+    std = torch.tensor([1.0, 0.0, 3.0, 3.0]).std()
+    torch.testing.assert_close(batch, torch.tensor([0.5, -0.5, 0.0, 0.0]) / (std + 1e-4))
+
+
+def test_normalize_then_sum_normalises_each_component_first():
+    mask = torch.tensor([1.0, 0.0, 0.5, 0.5])
+    box = torch.tensor([0.0, 0.1, 0.0, 0.1])
+    summed = grpo.advantages({"mask": mask, "box": box}, 2, aggregation="sum", scale="none")
+    torch.testing.assert_close(summed, torch.tensor([0.45, -0.45, -0.05, 0.05]))
+
+    def norm(r):
+        g = r.view(2, 2)
+        return ((g - g.mean(1, keepdim=True)) / (g.std(1, keepdim=True) + 1e-4)).reshape(-1)
+
+    total = norm(mask) + norm(box)
+    per = grpo.advantages({"mask": mask, "box": box}, 2, aggregation="normalize_then_sum")
+    torch.testing.assert_close(per, total / (total.std() + 1e-4))
+    assert per[3] > 0.5 and per[2] < -0.5  # the box's small spread still decides the second group
+
+
+def test_zero_variance_fraction():
+    assert grpo.zero_variance_fraction(torch.tensor([1.0, 1.0, 0.0, 1.0, 2.0, 2.0]), 2) == pytest.approx(2 / 3)
+
+
+def _inputs():
+    logp = torch.tensor([[-1.0, -2.0, 0.0], [-0.5, -0.5, -0.5]], requires_grad=True)
+    mask = torch.tensor([[True, True, False], [True, True, True]])
+    adv = torch.tensor([1.0, -2.0])
+    return logp, mask, adv
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo"])
+def test_first_update_loss_is_minus_advantage_aggregated(loss_type):
+    logp, mask, adv = _inputs()
+    loss, stats = grpo.policy_loss(logp, logp.detach(), adv, mask, loss_type=loss_type, max_completion_length=4)
+    per_token = -adv[:, None].expand(2, 3) * mask
+    if loss_type == "grpo":
+        expected = ((per_token.sum(1) / mask.sum(1)).mean())  # (-1 + 2) / 2
+    elif loss_type == "dapo":
+        expected = per_token.sum() / mask.sum()  # (-2 + 6) / 5
+    else:
+        expected = per_token.sum() / (2 * 4)
+    assert loss.item() == pytest.approx(float(expected))
+    assert stats.clip_fraction == 0.0 and stats.ratio_mean == pytest.approx(1.0)
+    loss.backward()
+    # d/dlogp of -exp(logp - sg(logp)) * A = -A (per token weight of the aggregation)
+    if loss_type == "dapo":
+        torch.testing.assert_close(logp.grad, (-adv[:, None] * mask / 5).float())
+
+
+def test_clipping_with_asymmetric_upper_bound():
+    logp = torch.log(torch.tensor([[1.5, 0.5]]))
+    old = torch.zeros(1, 2)
+    mask = torch.ones(1, 2, dtype=torch.bool)
+    loss, stats = grpo.policy_loss(logp, old, torch.tensor([1.0]), mask, epsilon=0.2, loss_type="dapo")
+    # ratio 1.5 with A > 0 clipped to 1.2; ratio 0.5 with A > 0: min(0.5, 0.8) = 0.5 (not clipped)
+    assert float(loss) == pytest.approx(-(1.2 + 0.5) / 2)
+    assert stats.clip_fraction == pytest.approx(0.5)
+    loss, _ = grpo.policy_loss(logp, old, torch.tensor([1.0]), mask, epsilon=0.2, epsilon_high=0.28, loss_type="dapo")
+    assert float(loss) == pytest.approx(-(1.28 + 0.5) / 2)
+    loss, stats = grpo.policy_loss(logp, old, torch.tensor([-1.0]), mask, epsilon=0.2, loss_type="dapo")
+    # A < 0: -min(1.5 * -1, 1.2 * -1) = 1.5 ; -min(-0.5, -0.8) = 0.8
+    assert float(loss) == pytest.approx((1.5 + 0.8) / 2)
+    assert stats.clip_fraction == pytest.approx(0.5)
+
+
+def test_sequence_level_ratio_is_the_geometric_mean():
+    logp = torch.log(torch.tensor([[2.0, 0.5, 4.0]]))
+    mask = torch.tensor([[True, True, False]])
+    loss, stats = grpo.policy_loss(logp, torch.zeros(1, 3), torch.tensor([1.0]), mask, epsilon=10.0,
+                                   importance_sampling_level="sequence", loss_type="grpo")
+    assert float(loss) == pytest.approx(-1.0)  # sqrt(2 * 0.5) = 1
+    assert stats.ratio_mean == pytest.approx(1.0)
+
+
+def test_k3_kl_term():
+    logp = torch.tensor([[-1.0, -1.0]], requires_grad=True)
+    ref = torch.tensor([[-1.5, -0.5]])
+    mask = torch.ones(1, 2, dtype=torch.bool)
+    loss, stats = grpo.policy_loss(logp, logp.detach(), torch.tensor([0.0]), mask, ref_logp=ref, beta=0.1)
+    kl = [math.exp(-0.5) + 0.5 - 1, math.exp(0.5) - 0.5 - 1]
+    assert stats.kl == pytest.approx(sum(kl) / 2)
+    assert float(loss) == pytest.approx(0.1 * sum(kl) / 2)
+    with pytest.raises(ValueError, match="ref_logp"):
+        grpo.policy_loss(logp, logp.detach(), torch.tensor([0.0]), mask, beta=0.1)
+
+
+def test_bad_options_are_named():
+    logp, mask, adv = _inputs()
+    with pytest.raises(ValueError, match="loss_type"):
+        grpo.policy_loss(logp, logp.detach(), adv, mask, loss_type="ppo")
+    with pytest.raises(ValueError, match="importance_sampling_level"):
+        grpo.policy_loss(logp, logp.detach(), adv, mask, importance_sampling_level="word")
+    with pytest.raises(ValueError, match="scale_rewards"):
+        grpo.advantages({"r": torch.zeros(2)}, 2, scale="std")

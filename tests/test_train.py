@@ -1,0 +1,166 @@
+"""The trainer: config errors, the direction of learning, kill + resume, signals, NaN handling."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from lens_fast import train
+from lens_fast.training import config as train_config
+
+FAST = ["--val-size", "8", "--val-batch-size", "8", "--log-every", "1", "--progress", "false",
+        "--stage1-batch-size", "8", "--batch-size", "2", "--num-generations", "4", "--max-new-tokens", "24"]
+
+
+def run_main(tmp_path: Path, *extra: str) -> int:
+    return train.main(["--output-dir", str(tmp_path), *FAST, *extra])
+
+
+def records(path: Path) -> list:
+    return [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_help_lists_every_option_with_its_default(capsys):
+    with pytest.raises(SystemExit):
+        train_config.parse_args(["--help"])
+    text = capsys.readouterr().out
+    for name in ("--num-generations", "--epsilon-high", "--loss-type", "--stage1-train", "--scale-rewards", "--beta"):
+        assert name in text
+    assert "default: 0.04" in text
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--no-such-key", "1"], "unrecognized arguments: --no-such-key"),
+        (["--lr", "fast"], "lr: cannot read 'fast' as float"),
+        (["--loss-type", "ppo"], "loss_type must be one of"),
+        (["--num-generations", "1"], "num_generations must be >= 2"),
+        (["--stage1-train", "queries,brain"], "stage1_train must be distinct names"),
+    ],
+)
+def test_bad_options_fail_with_one_clear_line(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train_config.parse_args(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_yaml_config_unknown_key_and_overrides(tmp_path, capsys):
+    path = tmp_path / "c.yaml"
+    path.write_text("lr: 0.001\nbeta: 0.0\n")
+    config, _ = train_config.parse_args(["--config", str(path), "--beta", "0.5"])
+    assert config.lr == 0.001 and config.beta == 0.5
+    path.write_text("learning_rate: 0.1\n")
+    with pytest.raises(SystemExit):
+        train_config.parse_args(["--config", str(path)])
+    assert "unknown key(s) ['learning_rate']" in capsys.readouterr().err
+
+
+def test_shipped_configs_parse_and_tiny_yaml_is_the_default():
+    root = Path(__file__).resolve().parents[1] / "configs"
+    for name in ("tiny.yaml", "synthetic_full.yaml", "lens_qwen2.5vl_3b.yaml"):
+        config, _ = train_config.parse_args(["--config", str(root / name)])
+        assert isinstance(config, train_config.TrainConfig)
+    tiny, _ = train_config.parse_args(["--config", str(root / "tiny.yaml")])
+    assert tiny == train_config.TrainConfig()
+    real, _ = train_config.parse_args(["--config", str(root / "lens_qwen2.5vl_3b.yaml")])
+    assert (real.num_generations, real.beta, real.lr, real.temperature, real.top_p, real.top_k) == (8, 0.04, 3e-6, 0.9, 0.9, 50)
+
+
+def test_missing_path_is_named_before_any_model_is_built(tmp_path, capsys):
+    code = train.main(["--output-dir", str(tmp_path), "--model", str(tmp_path / "nowhere")])
+    assert code == 2
+    assert "model: path" in capsys.readouterr().err
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_short_run_learns_in_the_right_direction(tmp_path):
+    code = run_main(tmp_path, "--stage1-steps", "60", "--stage2-steps", "8", "--stage1-lr", "2e-3")
+    assert code == 0
+    log = records(tmp_path)
+    align = [r for r in log if r["stage"] == "align"]
+    first, last = align[:10], align[-10:]
+    mean = lambda rows, key: sum(r[key] for r in rows) / len(rows)  # noqa: E731
+    assert mean(last, "loss") < mean(first, "loss") - 0.3
+    assert mean(last, "dice") < mean(first, "dice")
+    grpo = [r for r in log if r["stage"] == "grpo"]
+    assert len(grpo) == 8 and all("reward/box/mean" in r and "kl" in r and "clip_fraction" in r for r in grpo)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert [v["after"] for v in summary["val"]] == ["start", "stage1", "stage2"]
+    assert summary["val"][1]["mask_iou"] > summary["val"][0]["mask_iou"] + 0.05
+    assert [v["after"] for v in summary["val_full"]] == ["start", "stage1", "stage2"]
+    assert (tmp_path / "checkpoints" / "final" / "model.safetensors").is_file()
+
+
+def _wait_for_checkpoint(root: Path, step: int, process: subprocess.Popen, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        state = root / "checkpoints" / "latest_step" / "trainer_state.pt"
+        if state.is_file():
+            try:
+                if torch.load(state, weights_only=False)["step"] >= step:
+                    return
+            except Exception:
+                pass
+        assert process.poll() is None, process.stderr.read().decode()
+        time.sleep(0.5)
+    raise AssertionError("no checkpoint in time")
+
+
+COMMON = ["--stage1-steps", "12", "--stage2-steps", "4", "--checkpoint-every", "4", "--beta", "0.04"]
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    args = [sys.executable, "-m", "lens_fast.train", *FAST, *COMMON]
+    subprocess.run([*args, "--output-dir", str(whole)], check=True, env=env, capture_output=True)
+    process = subprocess.Popen([*args, "--output-dir", str(broken)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    _wait_for_checkpoint(broken, 8, process)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    resumed = subprocess.run([*args, "--output-dir", str(broken), "--resume", "true"], env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming from" in resumed.stdout
+    a, b = records(whole), records(broken)
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for ra, rb in zip(a, b):
+        for key in ("loss", "bce", "dice", "reward/total/mean", "kl", "val/mask_iou"):
+            if key in ra:
+                assert rb[key] == pytest.approx(ra[key], rel=1e-4, abs=1e-5), (ra["step"], key)
+
+
+@pytest.mark.slow
+def test_sigterm_writes_a_checkpoint_and_a_changed_config_is_refused(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = [sys.executable, "-m", "lens_fast.train", *FAST, *COMMON, "--output-dir", str(tmp_path)]
+    process = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for_checkpoint(tmp_path, 4, process)
+    process.send_signal(signal.SIGTERM)
+    out, _ = process.communicate(timeout=120)
+    assert process.returncode == 0
+    assert "stopped by signal" in out and "--resume" in out
+    refused = subprocess.run([*args, "--resume", "true", "--lr", "0.5"], env=env, capture_output=True, text=True)
+    assert refused.returncode == 2
+    assert "lr: checkpoint 0.0001, now 0.5" in refused.stderr
+
+
+def test_non_finite_losses_are_skipped_then_stop_the_run(tmp_path, monkeypatch, capsys):
+    def poisoned(low_res, gt_masks, image_size):
+        nan = low_res.sum() * float("nan")
+        return nan, nan
+
+    monkeypatch.setattr(train, "bce_dice", poisoned)
+    code = run_main(tmp_path, "--stage1-steps", "10", "--stage2-steps", "0", "--max-bad-steps", "3", "--val-size", "2")
+    assert code == 1
+    assert "3 consecutive non-finite losses" in capsys.readouterr().err
+    skipped = [r for r in records(tmp_path) if r.get("skipped")]
+    assert len(skipped) == 3
