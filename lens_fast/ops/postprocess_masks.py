@@ -11,8 +11,8 @@ even write the H x W masks. ``input_size`` is ResizeLongestSide's aspect-preserv
 This is segment_anything's (SAM v1) post-processing: resize to ``image_size``, crop, resize. It is not
 LENS's: LENS decodes with SAM2, whose post-processing is one bilinear resize of the low-res logits
 straight to (H, W) (``F.interpolate(low_res, original_size, mode="bilinear", align_corners=False)``);
-the two differ by up to a low-res pixel of interpolation, so use SAM2's single resize to reproduce
-LENS's masks exactly.
+the two interpolate differently, so their masks can differ at object edges: use SAM2's single resize
+to reproduce LENS's masks exactly.
 
 Logits may be float32, float16 or bfloat16; every backend computes in float32 (the "torch" reference
 upcasts first), with torch's coordinate arithmetic, so backends agree to float32 rounding. The C++
