@@ -10,12 +10,14 @@ import pickle
 import numpy as np
 import pytest
 import torch
-from segment_anything import SamPredictor
-from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 from torch import nn
 
-from lens_fast.kernels import mask_decoder_upscaling as kernels
-from lens_fast.nn import FusedMaskDecoder, fuse_mask_decoder, mask_decoder_upscaling
+pytest.importorskip("segment_anything")  # lens_fast.nn builds on it, and it is every test's reference
+from segment_anything import SamPredictor  # noqa: E402
+from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer  # noqa: E402
+
+from lens_fast.kernels import mask_decoder_upscaling as kernels  # noqa: E402
+from lens_fast.nn import FusedMaskDecoder, fuse_mask_decoder, mask_decoder_upscaling  # noqa: E402
 
 BACKENDS = ["torch", "triton"]
 
