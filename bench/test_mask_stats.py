@@ -11,11 +11,12 @@ import os
 
 import pytest
 import torch
-from torchmetrics.functional.classification import binary_stat_scores
 
 from lens_fast import ops
 
 from bench_utils import native_threads, synced
+
+binary_stat_scores = pytest.importorskip("torchmetrics.functional.classification").binary_stat_scores
 
 BATCH, GROUPS = 8, 8
 

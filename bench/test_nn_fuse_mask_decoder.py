@@ -10,14 +10,14 @@ Run: ``python -m pytest bench/test_nn_fuse_mask_decoder.py --benchmark-only``.
 """
 from __future__ import annotations
 
-
 import pytest
 import torch
-from segment_anything.modeling import MaskDecoder, TwoWayTransformer
-
-from lens_fast.nn import fuse_mask_decoder, mask_decoder_upscaling
 
 from bench_utils import cuda_peak_mib, synced
+
+segment_anything = pytest.importorskip("segment_anything.modeling")  # lens_fast.nn builds on it; the baseline
+MaskDecoder, TwoWayTransformer = segment_anything.MaskDecoder, segment_anything.TwoWayTransformer
+from lens_fast.nn import fuse_mask_decoder, mask_decoder_upscaling  # noqa: E402
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 MiB = 2**20

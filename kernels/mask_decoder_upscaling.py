@@ -12,9 +12,16 @@ never written: the backward kernel recomputes them from the inputs. Weights come
 ``w1`` (4, C, C/4) with ``w1[d1] = conv1.weight[:, :, di, dj]``, ``w2`` (4, C/4, C/8) likewise.
 
 Kernels assume contiguous inputs and fp32 math: tiles are loaded, cast to fp32 and combined with fp32
-accumulation. Matrix products take fp16/bf16 operands on the GPU when the inputs are half precision,
-and TF32 for fp32 inputs when ``torch.backends.cudnn.allow_tf32`` is set (the flag that governs the
-convolutions this op replaces); under Triton's interpreter they are always fp32.
+accumulation. Matrix products take fp16/bf16 operands on the GPU when the inputs are half precision.
+For fp32 inputs each product uses TF32 exactly when PyTorch would for the op it replaces
+(:func:`product_precisions`): the products of the two transposed convolutions (and of their
+backward) follow cuDNN's convolution setting (``torch.backends.cudnn.conv.fp32_precision``, legacy
+``torch.backends.cudnn.allow_tf32``, default TF32), the hypernetwork product and its backward follow
+cuBLAS's matmul setting (``torch.backends.cuda.matmul.fp32_precision``, legacy
+``torch.backends.cuda.matmul.allow_tf32`` / ``torch.set_float32_matmul_precision``, default IEEE fp32).
+The two remaining products of the first convolution's backward are torch matmuls (see
+:func:`mask_decoder_upscaling_backward`), so they follow the matmul setting. Under Triton's
+interpreter every product is IEEE fp32.
 """
 from __future__ import annotations
 
@@ -49,7 +56,8 @@ def _gelu_grad(x):
 
 @jit
 def _dot(a, b, DOT_KIND: tl.constexpr, PRECISION: tl.constexpr):
-    """fp32 tiles a @ b with fp32 accumulation; operands rounded to fp16/bf16 when DOT_KIND says so."""
+    """fp32 tiles a @ b with fp32 accumulation; operands rounded to fp16/bf16 when DOT_KIND says so, else
+    multiplied at Triton's fp32 ``input_precision`` PRECISION ("tf32" or "ieee")."""
     if DOT_KIND == 1:
         return tl.dot(a.to(tl.float16), b.to(tl.float16))
     elif DOT_KIND == 2:
@@ -142,7 +150,7 @@ def mask_decoder_upscaling_fwd_kernel(
     W, HW, C, C4, C8, T, eps,
     BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C4: tl.constexpr,
     BLOCK_C8: tl.constexpr, BLOCK_T: tl.constexpr,
-    DOT_KIND: tl.constexpr, PRECISION: tl.constexpr,
+    DOT_KIND: tl.constexpr, CONV_PRECISION: tl.constexpr, MATMUL_PRECISION: tl.constexpr,
 ):
     """Grid (cdiv(h*w, BLOCK_P), B): the 4 x 4 logit patches of BLOCK_P pixels of image b, every token."""
     pid_p = tl.program_id(0)
@@ -159,13 +167,15 @@ def mask_decoder_upscaling_fwd_kernel(
     for D1 in range(4):  # not unrolled: unrolling the taps makes the compiler spill registers
         _xhat, pre_gelu, _rstd = _first_stage(
             x_ptr, w1_ptr, b1_ptr, norm_w_ptr, norm_b_ptr, offs_p, mask_p, C, C4, eps,
-            D1, BLOCK_P, BLOCK_K, BLOCK_C4, DOT_KIND, PRECISION,
+            D1, BLOCK_P, BLOCK_K, BLOCK_C4, DOT_KIND, CONV_PRECISION,
         )
         z1 = _gelu(pre_gelu)
         for D2 in range(4):
-            _w2, pre2 = _second_stage(z1, w2_ptr, b2, offs_o, offs_q, mask_o, mask_q, C4, C8, D2, DOT_KIND, PRECISION)
+            _w2, pre2 = _second_stage(
+                z1, w2_ptr, b2, offs_o, offs_q, mask_o, mask_q, C4, C8, D2, DOT_KIND, CONV_PRECISION
+            )
             z2 = _gelu(pre2)
-            logits = _dot(z2, hyper_t, DOT_KIND, PRECISION)
+            logits = _dot(z2, hyper_t, DOT_KIND, MATMUL_PRECISION)
             offs = _mask_patch_offsets(offs_p, offs_t, W, T, HW, D1, D2)
             tl.store(out_ptr + offs, logits.to(out_ptr.dtype.element_ty), mask=store_mask)
 
@@ -177,7 +187,7 @@ def mask_decoder_upscaling_bwd_kernel(
     W, HW, C, C4, C8, T, eps, num_blocks,
     BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C4: tl.constexpr,
     BLOCK_C8: tl.constexpr, BLOCK_T: tl.constexpr,
-    DOT_KIND: tl.constexpr, PRECISION: tl.constexpr,
+    DOT_KIND: tl.constexpr, CONV_PRECISION: tl.constexpr, MATMUL_PRECISION: tl.constexpr,
 ):
     """Grid (P, B): program (p, b) walks pixel blocks p, p + P, ... of image b, recomputing the forward.
 
@@ -213,24 +223,24 @@ def mask_decoder_upscaling_bwd_kernel(
         for D1 in range(4):  # not unrolled: unrolling the taps makes the compiler spill registers
             xhat, pre_gelu, rstd = _first_stage(
                 x_ptr, w1_ptr, b1_ptr, norm_w_ptr, norm_b_ptr, offs_p, mask_p, C, C4, eps,
-                D1, BLOCK_P, BLOCK_K, BLOCK_C4, DOT_KIND, PRECISION,
+                D1, BLOCK_P, BLOCK_K, BLOCK_C4, DOT_KIND, CONV_PRECISION,
             )
             z1 = _gelu(pre_gelu)
             grad_z1 = tl.zeros((BLOCK_P, BLOCK_C4), dtype=tl.float32)
             for D2 in range(4):
                 w2, pre2 = _second_stage(
-                    z1, w2_ptr, b2, offs_o, offs_q, mask_o, mask_q, C4, C8, D2, DOT_KIND, PRECISION
+                    z1, w2_ptr, b2, offs_o, offs_q, mask_o, mask_q, C4, C8, D2, DOT_KIND, CONV_PRECISION
                 )
                 offs = _mask_patch_offsets(offs_p, offs_t, W, T, HW, D1, D2)
                 grad_logits = tl.load(grad_ptr + offs, mask=grad_mask, other=0.0).to(tl.float32)
-                acc_hyper += _dot(tl.trans(grad_logits), _gelu(pre2), DOT_KIND, PRECISION)
-                grad_pre2 = _dot(grad_logits, hyper, DOT_KIND, PRECISION) * _gelu_grad(pre2)
+                acc_hyper += _dot(tl.trans(grad_logits), _gelu(pre2), DOT_KIND, MATMUL_PRECISION)
+                grad_pre2 = _dot(grad_logits, hyper, DOT_KIND, MATMUL_PRECISION) * _gelu_grad(pre2)
                 acc_b2 += tl.sum(grad_pre2, axis=0)
-                grad_z1 += _dot(grad_pre2, tl.trans(w2), DOT_KIND, PRECISION)
+                grad_z1 += _dot(grad_pre2, tl.trans(w2), DOT_KIND, CONV_PRECISION)
                 # Read-modify-write of this program's own slot; the barrier makes the stores of
                 # every thread visible to the next read, whatever thread owns which element.
                 part_w2 = tl.load(part_w2_ptr + D2 * BLOCK_C4 * BLOCK_C8 + part_w2_offs)
-                part_w2 += _dot(tl.trans(z1), grad_pre2, DOT_KIND, PRECISION)
+                part_w2 += _dot(tl.trans(z1), grad_pre2, DOT_KIND, CONV_PRECISION)
                 tl.store(part_w2_ptr + D2 * BLOCK_C4 * BLOCK_C8 + part_w2_offs, part_w2)
                 tl.debug_barrier()
             grad_pre_gelu = grad_z1 * _gelu_grad(pre_gelu)
@@ -263,6 +273,27 @@ def _block(n: int) -> int:
 FWD_NUM_WARPS, BWD_NUM_WARPS = 4, 8
 
 
+def _first_set(*settings: str) -> str:
+    """Triton's fp32 ``input_precision`` for PyTorch ``fp32_precision`` settings ordered from the op's
+    own to the global one: the first that is not "none" ("none" inherits from the next) decides."""
+    for setting in settings:
+        if setting != "none":
+            return "tf32" if setting == "tf32" else "ieee"
+    return "ieee"
+
+
+def product_precisions() -> Tuple[str, str]:
+    """Triton ``input_precision`` ("tf32" or "ieee") of the fp32 products that replace the transposed
+    convolutions and of those that replace the hypernetwork matmul: what PyTorch would use for a cuDNN
+    convolution and for a cuBLAS matmul now (the op's setting, else CUDA's, else the global one; the
+    legacy ``allow_tf32`` flags and ``torch.set_float32_matmul_precision`` write these settings)."""
+    cuda_all, generic = torch.backends.cudnn.fp32_precision, torch.backends.fp32_precision
+    return (
+        _first_set(torch.backends.cudnn.conv.fp32_precision, cuda_all, generic),
+        _first_set(torch.backends.cuda.matmul.fp32_precision, cuda_all, generic),
+    )
+
+
 def launch_config(on_cuda: bool, dtype: torch.dtype, C: int, C4: int, C8: int, T: int) -> dict:
     """Constexpr arguments of both kernels: block sizes and matrix-product precision.
 
@@ -270,14 +301,14 @@ def launch_config(on_cuda: bool, dtype: torch.dtype, C: int, C4: int, C8: int, T
     """
     if on_cuda:
         dot_kind = {torch.float16: _DOT_FP16, torch.bfloat16: _DOT_BF16}.get(dtype, _DOT_FP32)
-        precision = "tf32" if torch.backends.cudnn.allow_tf32 else "ieee"
+        conv_precision, matmul_precision = product_precisions()
         block_p, block_k = 64, min(64, _block(C))
     else:  # interpreter: fp32 everywhere, few big blocks
-        dot_kind, precision = _DOT_FP32, "ieee"
+        dot_kind, conv_precision, matmul_precision = _DOT_FP32, "ieee", "ieee"
         block_p, block_k = 64, min(256, _block(C))
     return dict(
         BLOCK_P=block_p, BLOCK_K=block_k, BLOCK_C4=_block(C4), BLOCK_C8=_block(C8), BLOCK_T=_block(T),
-        DOT_KIND=dot_kind, PRECISION=precision,
+        DOT_KIND=dot_kind, CONV_PRECISION=conv_precision, MATMUL_PRECISION=matmul_precision,
     )
 
 
@@ -316,7 +347,10 @@ def mask_decoder_upscaling_backward(
 ) -> Tuple[Optional[torch.Tensor], ...]:
     """Gradients w.r.t. (src, hyper_in, w1, b1, norm_w, norm_b, w2, b2), each in its input's dtype.
 
-    ``needs_input_grad`` (8 flags, that order) skips the two matmuls of src and w1 when not needed.
+    ``needs_input_grad`` (8 flags, that order) skips the two matmuls of src and w1 when not needed. Those
+    two are torch matmuls, so for fp32 they follow the matmul precision setting where the first
+    convolution's backward in segment_anything follows cuDNN's (under PyTorch's defaults they are
+    IEEE fp32, more precise than the TF32 convolution backward they replace).
     """
     B, HW, C = src.shape
     T = hyper_in.shape[1]

@@ -1,6 +1,6 @@
 """Backend selection and the native extension.
 
-Every public op takes ``backend``: ``None`` picks Triton for CUDA tensors, C++ for CPU tensors and
+Every mask op takes ``backend`` (the box ops are plain PyTorch): ``None`` picks Triton for CUDA tensors, C++ for CPU tensors and
 the PyTorch reference on any other device (meta, mps, ...); ``"triton"`` forces the Triton kernel
 (CPU tensors run under Triton's interpreter), ``"cpu"`` the C++ kernel, ``"torch"`` the plain
 PyTorch reference.
@@ -31,11 +31,6 @@ def native() -> ModuleType:
             f"(original error: {_native_error})"
         )
     return _native
-
-
-def cuda_built() -> bool:
-    """True when ``lens_fast._C`` was compiled with its CUDA sources."""
-    return _native is not None and bool(_native.with_cuda)
 
 
 def set_num_threads(n: int) -> None:

@@ -12,8 +12,10 @@ import pickle
 from pathlib import Path
 
 import numpy as np
-import pycocotools.mask as coco_mask
+import pytest
 from PIL import Image
+
+coco_mask = pytest.importorskip("pycocotools.mask")  # writes the fixture's COCO annotations
 
 IMAGES = {1: (24, 32), 2: (20, 20), 3: (16, 28), 4: (18, 22)}  # id -> (height, width)
 

@@ -4,12 +4,10 @@ import contextlib
 
 import pytest
 import torch
-from segment_anything.modeling.common import LayerNorm2d
 from torch import nn
 
 from lens_fast import ops
 from lens_fast._backend import device_guard
-from lens_fast.nn import mask_decoder_upscaling
 
 two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
 
@@ -61,6 +59,8 @@ def test_postprocess_on_the_second_gpu_while_the_first_is_current(rng):
 @pytest.mark.cuda
 @two_gpus
 def test_fused_mask_decoder_upscaling_on_the_second_gpu_while_the_first_is_current(rng):
+    LayerNorm2d = pytest.importorskip("segment_anything.modeling.common").LayerNorm2d
+    from lens_fast.nn import mask_decoder_upscaling  # builds on segment_anything
     torch.manual_seed(rng.integers(1 << 31))
     dim, (h, w), tokens = 32, (8, 8), 4
     upscaling = nn.Sequential(

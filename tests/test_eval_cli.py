@@ -7,9 +7,10 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pycocotools.mask as coco_mask
 import pytest
 from PIL import Image
+
+coco_mask = pytest.importorskip("pycocotools.mask")  # the reference RLE of the predictions
 from refcoco_fixture import REFS, build_refcoco_fixture, expected_mask, image_name
 
 from lens_fast.data import SyntheticRefDataset, mask_to_box, predict_largest_object

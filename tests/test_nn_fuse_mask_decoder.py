@@ -3,17 +3,21 @@
 Tiny random decoders (transformer_dim 32/40/64, 8x8 or 5x7 embeddings); the Triton backend runs under
 the interpreter on CPU tensors. Errors are max-abs relative to the reference's largest magnitude.
 """
+import contextlib
 import copy
 import pickle
 
 import numpy as np
 import pytest
 import torch
-from segment_anything import SamPredictor
-from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 from torch import nn
 
-from lens_fast.nn import FusedMaskDecoder, fuse_mask_decoder, mask_decoder_upscaling
+pytest.importorskip("segment_anything")  # lens_fast.nn builds on it, and it is every test's reference
+from segment_anything import SamPredictor  # noqa: E402
+from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer  # noqa: E402
+
+from lens_fast.kernels import mask_decoder_upscaling as kernels  # noqa: E402
+from lens_fast.nn import FusedMaskDecoder, fuse_mask_decoder, mask_decoder_upscaling  # noqa: E402
 
 BACKENDS = ["torch", "triton"]
 
@@ -324,35 +328,105 @@ def test_mask_decoder_upscaling_rejects_bad_inputs():
         mask_decoder_upscaling(src, hyper_in, (8, 8), upscaling, backend="cpu")
 
 
+PRECISION_SETTINGS = ("generic", "cuda", "conv", "rnn", "matmul")
+
+
+def precision_settings() -> dict:
+    b = torch.backends
+    return dict(generic=b.fp32_precision, cuda=b.cudnn.fp32_precision, conv=b.cudnn.conv.fp32_precision,
+                rnn=b.cudnn.rnn.fp32_precision, matmul=b.cuda.matmul.fp32_precision)
+
+
+@contextlib.contextmanager
+def restored_precision_settings():
+    """Puts back PyTorch's fp32 precision settings (new API; parents first, as setting one sets its children)."""
+    saved = precision_settings()
+    try:
+        yield
+    finally:
+        b = torch.backends
+        b.fp32_precision = saved["generic"]
+        b.cudnn.fp32_precision = saved["cuda"]
+        b.cudnn.conv.fp32_precision = saved["conv"]
+        b.cudnn.rnn.fp32_precision = saved["rnn"]
+        b.cuda.matmul.fp32_precision = saved["matmul"]
+    assert precision_settings() == saved
+
+
+@pytest.fixture(params=["default precision", "tf32 off"])
+def fp32_tol(request):
+    """Runs a CUDA test under PyTorch's precision settings as a user finds them (TF32 convolutions,
+    IEEE matmuls: the fused products follow the same) or with TF32 off everywhere; gives the fp32
+    tolerance for each (TF32 rounds operands to 10 mantissa bits: ~1e-3 relative, as cuDNN)."""
+    if request.param == "default precision":
+        assert kernels.product_precisions() == ("tf32", "ieee"), "another test left PyTorch's precision changed"
+        yield 1e-2
+        return
+    with restored_precision_settings():
+        torch.backends.cudnn.conv.fp32_precision = "ieee"
+        torch.backends.cuda.matmul.fp32_precision = "ieee"
+        yield 1e-4
+
+
+def test_products_follow_the_precision_of_the_op_they_replace():
+    """Transposed-conv products follow cuDNN's convolution setting, hypernetwork products the matmul
+    setting, through the legacy flags and the new fp32_precision API alike (runs without a GPU)."""
+    b = torch.backends
+    with restored_precision_settings():
+        b.fp32_precision, b.cudnn.fp32_precision = "none", "none"
+        b.cudnn.conv.fp32_precision, b.cudnn.rnn.fp32_precision, b.cuda.matmul.fp32_precision = "tf32", "tf32", "none"
+        assert kernels.product_precisions() == ("tf32", "ieee")  # PyTorch's defaults
+        config = kernels.launch_config(True, torch.float32, 256, 64, 32, 4)
+        assert (config["CONV_PRECISION"], config["MATMUL_PRECISION"]) == ("tf32", "ieee")
+        interpreted = kernels.launch_config(False, torch.float32, 256, 64, 32, 4)
+        assert (interpreted["CONV_PRECISION"], interpreted["MATMUL_PRECISION"]) == ("ieee", "ieee")
+        with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+            assert kernels.product_precisions() == ("ieee", "ieee")
+        assert kernels.product_precisions() == ("tf32", "ieee")
+        b.cuda.matmul.allow_tf32 = True
+        assert kernels.product_precisions() == ("tf32", "tf32")
+        b.cuda.matmul.allow_tf32 = False
+        assert kernels.product_precisions() == ("tf32", "ieee")
+        torch.set_float32_matmul_precision("high")
+        assert kernels.product_precisions() == ("tf32", "tf32")
+        torch.set_float32_matmul_precision("highest")
+        b.cudnn.conv.fp32_precision, b.cuda.matmul.fp32_precision = "ieee", "tf32"
+        assert kernels.product_precisions() == ("ieee", "tf32")
+        b.cudnn.conv.fp32_precision, b.cuda.matmul.fp32_precision = "none", "none"  # inherit CUDA's, then the global one
+        assert kernels.product_precisions() == ("ieee", "ieee")
+        b.fp32_precision = "tf32"
+        assert kernels.product_precisions() == ("tf32", "tf32")
+
+
 @pytest.mark.cuda
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2), (torch.float16, 2e-2)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("dim,size,batch,tokens", [(256, (64, 64), 3, 4), (40, (5, 7), 2, 3), (32, (1, 1), 1, 1)])
-def test_cuda_op_matches_fp32(rng, dtype, tol, dim, size, batch, tokens):
-    """Compiled kernels, SAM's real sizes and odd ones; fp32 with TF32 off (else ~1e-3, like cuDNN)."""
-    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
-        check_op_against_fp32(None, dtype, dim, size, batch, tokens, "cuda", tol)
+def test_cuda_op_matches_fp32(rng, fp32_tol, dtype, dim, size, batch, tokens):
+    """Compiled kernels, SAM's real sizes and odd ones, against segment_anything's fp32 computation
+    under the same precision settings."""
+    check_op_against_fp32(None, dtype, dim, size, batch, tokens, "cuda", fp32_tol if dtype == torch.float32 else 2e-2)
 
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cuda_decoder_matches_segment_anything(rng, dtype):
-    """Whole SAM-size decoder (dim 256, 64x64) on the GPU: fp32 outputs and every gradient within
-    1e-4; bf16 masks no further from the fp32 decoder than segment_anything's own bf16 run."""
-    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
-        decoder = make_decoder(256).cuda()
-        inputs = {k: v.cuda() for k, v in decoder_inputs(256, 64, 64, 3).items()}
-        fused = fuse_mask_decoder(copy.deepcopy(decoder).to(dtype))
-        want_masks, want_iou, want = run_with_grads(decoder, inputs, True, seed=3)
-        half_inputs = {k: v.to(dtype) for k, v in inputs.items()}
-        masks, iou, got = run_with_grads(fused, half_inputs, True, seed=3)
-        if dtype == torch.float32:
-            assert rel_err(masks, want_masks) <= 1e-4 and rel_err(iou, want_iou) <= 1e-4
-            floor = 1e-3 * max(g.abs().max().item() for g in want.values())
-            for name in want:
-                assert rel_err(got[name], want[name], floor) <= 1e-4, name
-        else:
-            half_masks, _, _ = run_with_grads(copy.deepcopy(decoder).to(dtype), half_inputs, True, seed=3)
-            assert rel_err(masks, want_masks) <= max(2e-2, 1.25 * rel_err(half_masks, want_masks))
+def test_cuda_decoder_matches_segment_anything(rng, fp32_tol, dtype):
+    """Whole SAM-size decoder (dim 256, 64x64) on the GPU: fp32 outputs and every gradient within the
+    tolerance of the precision settings (1e-4 with TF32 off); bf16 masks no further from the fp32
+    decoder than segment_anything's own bf16 run."""
+    decoder = make_decoder(256).cuda()
+    inputs = {k: v.cuda() for k, v in decoder_inputs(256, 64, 64, 3).items()}
+    fused = fuse_mask_decoder(copy.deepcopy(decoder).to(dtype))
+    want_masks, want_iou, want = run_with_grads(decoder, inputs, True, seed=3)
+    half_inputs = {k: v.to(dtype) for k, v in inputs.items()}
+    masks, iou, got = run_with_grads(fused, half_inputs, True, seed=3)
+    if dtype == torch.float32:
+        assert rel_err(masks, want_masks) <= fp32_tol and rel_err(iou, want_iou) <= fp32_tol
+        floor = 1e-3 * max(g.abs().max().item() for g in want.values())
+        for name in want:
+            assert rel_err(got[name], want[name], floor) <= fp32_tol, name
+    else:
+        half_masks, _, _ = run_with_grads(copy.deepcopy(decoder).to(dtype), half_inputs, True, seed=3)
+        assert rel_err(masks, want_masks) <= max(2e-2, 1.25 * rel_err(half_masks, want_masks))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -365,8 +439,6 @@ def test_kernels_compile_for_hopper(dtype):
     triton = pytest.importorskip("triton")
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-
-    from lens_fast.kernels import mask_decoder_upscaling as kernels
 
     config = kernels.launch_config(True, dtype, 256, 64, 32, 4)
     element = {torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype]

@@ -159,6 +159,87 @@ def test_through_trl_grpo_trainer(rng):
     assert trainer._pending_metrics["lens_reward/box"] == [pytest.approx(components["box"].mean().item())]
 
 
+def test_public_names():
+    import lens_fast.rewards as rewards
+    from lens_fast.rewards import adapters
+
+    assert rewards.TRLReward is adapters.TRLReward
+    assert rewards.compute_score is adapters.compute_score
+    assert rewards.compute_score_batch is adapters.compute_score_batch
+
+
+@pytest.mark.parametrize("bool_first", [True, False])
+def test_rows_of_mixed_mask_dtypes(bool_first):
+    """A stored bool mask next to logits: each row by its own rule, in either order (a logits row of
+    -5.0 is all background, not all foreground as a cast to bool would make it)."""
+    gt = np.zeros((4, 4), dtype=bool)
+    gt[:2, :2] = True
+    stored = gt.copy()  # IoU 1
+    logits = np.full((4, 4), -5.0, dtype=np.float32)  # empty: IoU 0
+    rows = [("stored", stored), ("logits", logits)]
+    if not bool_first:
+        rows.reverse()
+    inputs = [{"prompt": "p", "solution": "[0, 0, 2, 2]", "pred_mask": m, "gt_mask": gt} for _, m in rows]
+    got, logs = trl_call(TRLReward("lens"), inputs, ["p", "p"], ["[0, 0, 2, 2]"] * 2, None)
+    want = {"stored": 1.0, "logits": 0.0}
+    assert logs["extra"]["lens_reward/mask"] == [want[name] for name, _ in rows]
+    assert got.tolist() == [1.0 + want[name] for name, _ in rows]
+
+
+def test_mask_threshold_applies_to_float_rows_only():
+    gt = [[1, 1], [0, 0]]
+    rows = [[[0.5, 2.0], [-1.0, 3.0]], np.array([[1, 0], [0, 0]], dtype=np.uint8), [[True, True], [False, False]]]
+    inputs = [{"prompt": "p", "solution": "[0, 0, 9, 9]", "pred_mask": m, "gt_mask": gt} for m in rows]
+    _, logs = trl_call(TRLReward("lens", mask_threshold=1.0), inputs, ["p"] * 3, ["x"] * 3, None)
+    assert logs["extra"]["lens_reward/mask"] == pytest.approx([(1 / 3) ** 2, (1 / 2) ** 2, 1.0])
+
+
+@pytest.mark.parametrize("kind", ["bool", "int64 lists", "float64 lists", "object array of rows"])
+def test_nested_list_masks_from_columns_and_extra_info(rng, kind):
+    """Masks that reach a reward through a dataset column (TRL) or verl's extra_info are nested lists:
+    float64 / int64 once read; parquet rows read through pandas give object arrays of row arrays."""
+    gts = [rng.random((6, 9)) < 0.5, rng.random((4, 5)) < 0.5]
+    logits = [rng.standard_normal((6, 9)), rng.standard_normal((4, 5))]
+
+    def form(mask, is_pred):
+        if kind == "bool":
+            return mask > 0 if is_pred else mask
+        if kind == "int64 lists":
+            return (mask > 0).astype(np.int64).tolist() if is_pred else mask.astype(np.int64).tolist()
+        if kind == "float64 lists":
+            return mask.tolist() if is_pred else mask.astype(np.float64).tolist()
+        rows = np.empty(len(mask), dtype=object)
+        rows[:] = list(mask.astype(np.float64))
+        return rows
+
+    texts = ["[1, 1, 5, 5]", "[0, 0, 2, 3]"]
+    want = [lens_reward([t], [[0, 0, 5, 5]], pred_masks=torch.from_numpy(p > 0)[None, None], gt_masks=torch.from_numpy(g)[None])
+            for t, p, g in zip(texts, logits, gts)]
+    inputs = [{"prompt": "p", "solution": "[0, 0, 5, 5]", "pred_mask": form(p, True), "gt_mask": form(g, False)}
+              for p, g in zip(logits, gts)]
+    got, _ = trl_call(TRLReward("lens"), inputs, ["p", "p"], texts, None)
+    assert got.tolist() == [w.reward.item() for w in want]
+    rows = [{"data_source": "refcoco", "response": t, "reward_model": {"ground_truth": [0, 0, 5, 5]}, "extra_info": r}
+            for t, r in zip(texts, ({"pred_mask": i["pred_mask"], "gt_mask": i["gt_mask"]} for i in inputs))]
+    scores, extra = verl_naive(verl_custom_fn(compute_score, {"recipe": "lens"}), rows)
+    assert scores == [w.reward.item() for w in want]
+    assert extra["mask"] == [w.components["mask"].item() for w in want]
+
+
+@pytest.mark.parametrize(
+    "pred, message, error",
+    [
+        ([[1, 0], [1]], r"pred_mask\[1\] must be a rectangular array", ValueError),
+        ([["a", "b"]], r"pred_mask\[1\] must hold bools, integers or real numbers", TypeError),
+        ([1, 0], r"pred_mask\[1\] must be an \[H, W\] mask, got shape \(2,\)", ValueError),
+    ],
+)
+def test_bad_mask_rows_name_the_row(pred, message, error):
+    rows = [{"pred_mask": [[1, 0]], "gt_mask": [[1, 0]]}, {"pred_mask": pred, "gt_mask": [[1, 0]]}]
+    with pytest.raises(error, match=message):
+        compute_score_batch(["d", "d"], ["x", "x"], ["[0, 0, 1, 1]"] * 2, rows)
+
+
 # ---------------------------------------------------------------- verl
 def verl_custom_fn(fn, reward_kwargs):
     """verl's get_custom_reward_fn: partial(_call_with_kwargs, raw_fn, reward_kwargs)."""

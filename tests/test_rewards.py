@@ -156,6 +156,56 @@ def test_lens_mask_threshold_and_empty_value():
     assert empty.components["mask"].item() == 0.0
 
 
+@pytest.mark.parametrize("form", ["lists", "float64", "int64", "int32 tensor", "float64 tensor"])
+def test_lens_reward_masks_of_any_real_or_integer_dtype(rng, form):
+    """Masks from plain Python data (nested lists: float64 / int64 once read) and other dtypes the ops do
+    not take: integers nonzero, pred floats > mask_threshold, gt floats > 0; the same rewards as bool masks."""
+    logits = rng.standard_normal((2, 3, 5, 6)) * 2
+    gt_bool = rng.random((2, 5, 6)) < 0.5
+    texts = ["[0, 0, 3, 3]"] * 6
+    threshold = 0.0 if form in ("int64", "int32 tensor") else 0.75
+    if form == "lists":
+        pred, gt = logits.tolist(), gt_bool.astype(int).tolist()  # float64 logits, int64 gt
+    elif form == "float64":
+        pred, gt = logits, gt_bool.astype(np.float64)
+    elif form == "int64":
+        pred, gt = (logits > 0).astype(np.int64) * 7, gt_bool.astype(np.int64) * -3
+    elif form == "int32 tensor":
+        pred, gt = torch.from_numpy((logits > 0).astype(np.int32)), torch.from_numpy(gt_bool.astype(np.int32))
+    else:
+        pred, gt = torch.from_numpy(logits), torch.from_numpy(gt_bool * 0.5)
+    out = lens_reward(texts, [[0, 0, 3, 3]] * 2, pred_masks=pred, gt_masks=gt, mask_threshold=threshold)
+    want = lens_reward(texts, [[0, 0, 3, 3]] * 2, pred_masks=torch.from_numpy(logits > threshold),
+                       gt_masks=torch.from_numpy(gt_bool))
+    assert torch.equal(out.components["mask"], want.components["mask"])
+    expected = [ref_mask_iou(logits[b, g] > threshold, gt_bool[b]) ** 2 for b in range(2) for g in range(3)]
+    np.testing.assert_allclose(out.components["mask"].numpy(), expected, atol=1e-6)
+
+
+def test_lens_reward_float64_logits_compare_in_float64():
+    """1e-50 is > 0 in float64 but 0 in float32: a float64 logit is compared in its own precision."""
+    pred = np.array([[[[1e-50, -1e-50]]]])
+    gt = np.array([[[True, False]]])
+    out = lens_reward(["x"], [[0, 0, 1, 1]], pred_masks=pred, gt_masks=gt)
+    assert out.components["mask"].item() == 1.0
+
+
+@pytest.mark.parametrize(
+    "pred, gt, threshold, error, message",
+    [
+        ([[[[1, 0], [1]]]], [[[1, 0], [1, 0]]], 0.0, ValueError, "pred_masks must be a rectangular array"),
+        ([[[["a", "b"]]]], [[[1, 0]]], 0.0, TypeError, "pred_masks must hold bools, integers or real numbers"),
+        (np.zeros((1, 1, 1, 2)), np.zeros((1, 1, 2), dtype=np.complex64), 0.0, TypeError, "gt_masks must hold"),
+        (torch.zeros(1, 1, 1, 2, dtype=torch.complex64), np.zeros((1, 1, 2)), 0.0, TypeError, "pred_masks must hold"),
+        (np.ones((1, 1, 1, 2), dtype=np.int64), np.zeros((1, 1, 2)), 0.5, ValueError, "threshold=0.5 applies to float"),
+        (np.ones((1, 1, 1, 2)), np.zeros((1, 1, 2)), float("nan"), ValueError, "threshold must not be NaN"),
+    ],
+)
+def test_lens_reward_bad_mask_values(pred, gt, threshold, error, message):
+    with pytest.raises(error, match=message):
+        lens_reward(["x"], [[0, 0, 1, 1]], pred_masks=pred, gt_masks=gt, mask_threshold=threshold)
+
+
 @pytest.mark.cuda
 def test_lens_reward_cuda(rng):
     pred = torch.from_numpy(rng.standard_normal((2, 8, 33, 47)).astype(np.float32))

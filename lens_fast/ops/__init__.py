@@ -1,7 +1,7 @@
-"""Fused, validated mask and box ops; each has Triton (CUDA), C++ (CPU) and PyTorch backends.
-
-See ``lens_fast._backend`` for the ``backend`` argument.
+"""Fused, validated mask and box ops; the mask ops have Triton (CUDA), C++ (CPU) and PyTorch backends
+(see ``lens_fast._backend`` for their ``backend`` argument); the box ops are plain PyTorch.
 """
+from lens_fast.ops.box_convert import box_convert
 from lens_fast.ops.box_iou import box_iou, box_iou_aligned
 from lens_fast.ops.mask_stats import MaskStats, mask_iou, mask_stats
 from lens_fast.ops.postprocess_masks import postprocess_mask_stats, postprocess_masks
@@ -9,6 +9,7 @@ from lens_fast.ops.reward_iou import reward_iou
 
 __all__ = [
     "MaskStats",
+    "box_convert",
     "box_iou",
     "box_iou_aligned",
     "mask_iou",

@@ -65,9 +65,10 @@ def mask_stats_torch(pred_fg: torch.Tensor, gt_fg: torch.Tensor) -> MaskStats:
 
 
 def foreground(pred: torch.Tensor, threshold: float) -> torch.Tensor:
-    """Boolean foreground of ``pred``: nonzero for bool/uint8, ``logit > threshold`` in float32 for floats."""
-    if pred.dtype in FLOAT_DTYPES:
-        return pred.float() > threshold
+    """Boolean foreground of ``pred``: nonzero for bool and integer dtypes, ``value > threshold`` for
+    floats, compared in float32 (float64 values in float64)."""
+    if pred.is_floating_point():
+        return pred.to(torch.promote_types(pred.dtype, torch.float32)) > threshold
     return pred != 0
 
 
@@ -83,11 +84,11 @@ def real_number(name: str, value: object) -> float:
 
 def check_threshold(threshold: object, pred_dtype: torch.dtype = torch.float32) -> float:
     """``threshold`` rounded to float32 (the precision every backend compares in); TypeError for a
-    non-real, ValueError for NaN or for a nonzero threshold on bool/uint8 ``pred_dtype``."""
+    non-real, ValueError for NaN or for a nonzero threshold on a bool or integer ``pred_dtype``."""
     threshold = real_number("threshold", threshold)
     if math.isnan(threshold):
         raise ValueError("threshold must not be NaN")
-    if pred_dtype not in FLOAT_DTYPES and threshold != 0:
+    if not pred_dtype.is_floating_point and threshold != 0:
         raise ValueError(
             f"threshold={threshold} applies to float logits only; pred is {pred_dtype} "
             "(nonzero = foreground): threshold the masks first or pass logits"

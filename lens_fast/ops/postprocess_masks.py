@@ -6,7 +6,13 @@ real models), crops the valid ``input_size`` = (input_h, input_w) corner and res
 to ``original_size`` = (H, W). Here both resizes run in one pass that reads only the low-res logits:
 no ``image_size`` x ``image_size`` intermediate is written, and ``postprocess_mask_stats`` does not
 even write the H x W masks. ``input_size`` is ResizeLongestSide's aspect-preserving size
-(``int(x * image_size / max(H, W) + 0.5)``) or the whole square for LENS's squashed input.
+(``int(x * image_size / max(H, W) + 0.5)``), or the whole square for an input squashed to it.
+
+This is segment_anything's (SAM v1) post-processing: resize to ``image_size``, crop, resize. It is not
+LENS's: LENS decodes with SAM2, whose post-processing is one bilinear resize of the low-res logits
+straight to (H, W) (``F.interpolate(low_res, original_size, mode="bilinear", align_corners=False)``);
+the two interpolate differently, so their masks can differ at object edges: use SAM2's single resize
+to reproduce LENS's masks exactly.
 
 Logits may be float32, float16 or bfloat16; every backend computes in float32 (the "torch" reference
 upcasts first), with torch's coordinate arithmetic, so backends agree to float32 rounding. The C++
@@ -105,7 +111,8 @@ def postprocess_masks(
     image_size: int = 1024,
     backend: Optional[str] = None,
 ) -> torch.Tensor:
-    """SAM's ``Sam.postprocess_masks`` in one pass: low-res logits [..., h, w] -> [..., H, W].
+    """segment_anything's (SAM v1) ``Sam.postprocess_masks`` in one pass: low-res logits [..., h, w] ->
+    [..., H, W] (resize to ``image_size``, crop, resize; not SAM2's single resize that LENS uses).
 
     ``low_res``: float32/float16/bfloat16 logits, any leading dims and strides. ``input_size``: the
     (h, w) of the image inside SAM's ``image_size`` square input; ``original_size``: (H, W). Returns

@@ -1,6 +1,8 @@
 """Rewards for RL fine-tuning of referring segmentation: a robust answer parser and the LENS, Seg-Zero
 and VisionReasoner reward recipes, whose numeric part runs through ``lens_fast.ops`` in one fused call
-per batch; plus adapters for TRL and verl (:mod:`lens_fast.rewards.adapters`)."""
+per batch; plus adapters for TRL (:class:`TRLReward`) and verl (:func:`compute_score`,
+:func:`compute_score_batch`), from :mod:`lens_fast.rewards.adapters`."""
+from lens_fast.rewards.adapters import TRLReward, compute_score, compute_score_batch
 from lens_fast.rewards.batch import RewardOutput
 from lens_fast.rewards.lens import lens_reward
 from lens_fast.rewards.parsing import NO_ANSWER, AnswerObject, ParsedAnswer, parse_answer, think_answer_format
@@ -12,6 +14,9 @@ __all__ = [
     "AnswerObject",
     "ParsedAnswer",
     "RewardOutput",
+    "TRLReward",
+    "compute_score",
+    "compute_score_batch",
     "lens_reward",
     "parse_answer",
     "seg_zero_reward",

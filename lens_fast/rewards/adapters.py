@@ -3,14 +3,16 @@
 Both libraries hand over one row per completion, so a batch is scored as B = N prompts of G = 1
 rollout: still one fused ``ops`` call for all of it. Ground truth comes in any of the common dataset
 forms (see :func:`ground_truth_objects`); optional per-row fields, under the same names in a TRL
-dataset column or a verl ``extra_info`` dict: ``pred_mask`` / ``gt_mask`` ([H, W] arrays; LENS's
-mask term; sizes may differ between rows, they are zero-padded), ``policy_size`` / ``gt_size``
-((height, width) of the frame the policy answered in / of the ground truth, for rescaling).
+dataset column or a verl ``extra_info`` dict: ``pred_mask`` / ``gt_mask`` ([H, W] tensors, arrays or
+nested lists of any bool, integer or real dtype, each row converted by its own rule: bool and integers
+nonzero, floats ``> mask_threshold`` for ``pred_mask`` and ``> 0`` for ``gt_mask``; sizes may differ
+between rows, they are zero-padded), ``policy_size`` / ``gt_size`` ((height, width) of the frame the
+policy answered in / of the ground truth, for rescaling).
 
-TRL: ``GRPOTrainer(reward_funcs=[TRLReward("lens", cot=True)], ...)``; the dataset has a
-``solution`` column. verl: ``custom_reward_function.path`` = a file holding
-``from lens_fast.rewards.adapters import compute_score`` (or ``compute_score_batch`` with
-``reward_model.reward_manager=batch``), ``custom_reward_function.reward_kwargs`` = ``{recipe: seg_zero, ...}``.
+TRL: ``GRPOTrainer(reward_funcs=[TRLReward("lens", cot=True)], ...)``; the dataset has a ``solution``
+column. verl: ``compute_score`` is the per-row hook every verl reward manager calls (the reward loop
+of verl >= 0.7 scores row by row); ``compute_score_batch`` is the hook of the legacy ``batch`` reward
+manager (verl <= 0.8 with the reward loop off). The README lists the settings.
 """
 from __future__ import annotations
 
@@ -18,10 +20,11 @@ import json
 import re
 from typing import Any, Callable, Optional, Sequence
 
-import numpy as np
 import torch
 
-from lens_fast.rewards.batch import RewardOutput
+from lens_fast.rewards.batch import RewardOutput, mask_foreground
+from lens_fast.rewards.batch import plain as plain_value
+from lens_fast.ops.mask_stats import check_threshold
 from lens_fast.rewards.lens import lens_reward
 from lens_fast.rewards.parsing import NUMBER, AnswerObject, as_point, objects_from_json, parse_answer
 from lens_fast.rewards.seg_zero import seg_zero_reward
@@ -30,19 +33,6 @@ from lens_fast.rewards.vision_reasoner import vision_reasoner_reward
 RECIPES = ("lens", "seg_zero", "vision_reasoner")
 _VERL_INTERNAL_KWARGS = ("reward_router_address", "reward_model_tokenizer")
 _TAGS = re.compile(r"<(box|points)>(.*?)</\1>", re.DOTALL)
-
-
-def _plain(value: Any) -> Any:
-    """numpy arrays / tensors (as verl's parquet rows hold them) turned into Python lists, recursively."""
-    if isinstance(value, (np.ndarray, torch.Tensor)):
-        return _plain(value.tolist())
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
 
 
 def _object_with_points_list(item: dict) -> AnswerObject:
@@ -60,7 +50,7 @@ def ground_truth_objects(value: Any) -> tuple[AnswerObject, ...]:
     holding one of those as JSON, Seg-Zero's ``<box>(x1,y1),(x2,y2)</box><points>(x,y),(x,y)</points>``,
     or a box in any answer form (LENS's ``"[x1, y1, x2, y2]"`` solutions). ValueError when no valid
     box is found: a broken ground truth is a data bug, not a zero reward."""
-    plain = _plain(value)
+    plain = plain_value(value)
     if isinstance(plain, str):
         tags = {name: [float(n) for n in NUMBER.findall(body)] for name, body in _TAGS.findall(plain)}
         if "box" in tags:
@@ -105,20 +95,19 @@ def completion_text(completion: Any) -> str:
     raise TypeError(f"a completion must be a str or a list of {{'role', 'content'}} messages, got {completion!r:.200}")
 
 
-def _stack_padded(name: str, masks: Sequence[Any]) -> torch.Tensor:
-    """[N, H, W] masks of possibly different sizes as one [N, Hmax, Wmax] tensor, zero-padded (a padded
+def _stack_padded(name: str, masks: Sequence[Any], threshold: float) -> torch.Tensor:
+    """Bool [N, Hmax, Wmax] foregrounds of N [H, W] masks of possibly different sizes and dtypes, each row
+    converted by its own rule (bool and integers nonzero, floats ``> threshold``), zero-padded (a padded
     pixel is background for both pred and gt, so intersections and unions do not change)."""
-    tensors = [torch.as_tensor(np.asarray(m)) if not isinstance(m, torch.Tensor) else m for m in masks]
-    for i, t in enumerate(tensors):
-        if t.dim() != 2:
-            raise ValueError(f"{name}[{i}] must be an [H, W] mask, got shape {tuple(t.shape)}")
-    height = max(t.shape[0] for t in tensors)
-    width = max(t.shape[1] for t in tensors)
-    out = torch.zeros((len(tensors), height, width), dtype=tensors[0].dtype, device=tensors[0].device)
-    if out.is_floating_point():
-        out.fill_(torch.finfo(out.dtype).min)  # logits: below any threshold
-    for i, t in enumerate(tensors):
-        out[i, : t.shape[0], : t.shape[1]] = t
+    rows = [mask_foreground(f"{name}[{i}]", m, threshold) for i, m in enumerate(masks)]
+    for i, row in enumerate(rows):
+        if row.dim() != 2:
+            raise ValueError(f"{name}[{i}] must be an [H, W] mask, got shape {tuple(row.shape)}")
+    height = max(row.shape[0] for row in rows)
+    width = max(row.shape[1] for row in rows)
+    out = torch.zeros((len(rows), height, width), dtype=torch.bool, device=rows[0].device)
+    for i, row in enumerate(rows):
+        out[i, : row.shape[0], : row.shape[1]] = row
     return out
 
 
@@ -162,8 +151,9 @@ def score_rows(
     if pred_masks is not None or gt_masks is not None:
         if pred_masks is None or gt_masks is None:
             raise ValueError("pred_mask and gt_mask go together: give both for every row, or neither")
-        masks = dict(pred_masks=_stack_padded("pred_mask", pred_masks)[:, None],
-                     gt_masks=_stack_padded("gt_mask", gt_masks))
+        threshold = check_threshold(options.pop("mask_threshold", 0.0))  # applied here, row by row
+        masks = dict(pred_masks=_stack_padded("pred_mask", pred_masks, threshold)[:, None],
+                     gt_masks=_stack_padded("gt_mask", gt_masks, 0.0))
     return lens_reward(texts, boxes, **masks, **sizes, **options)
 
 
@@ -277,7 +267,9 @@ def compute_score_batch(
     recipe: str = "lens",
     **options: Any,
 ) -> list[dict[str, float]]:
-    """verl's batch reward hook (``reward_model.reward_manager=batch``): one dict per row with
+    """verl's legacy batch reward hook (``BatchRewardManager``: verl <= 0.6 with
+    ``reward_model.reward_manager=batch``, verl 0.7-0.8 with ``reward_model.use_reward_loop=False
+    reward_manager.name=batch``; verl >= 0.9 has no batch manager): one dict per row with
     ``"score"`` and the components; the whole batch in one fused call. ``extra_infos[i]`` may hold
     ``pred_mask``, ``gt_mask``, ``policy_size``, ``gt_size``; ``options`` are the recipe's arguments
     (``custom_reward_function.reward_kwargs``)."""
@@ -310,6 +302,8 @@ def compute_score(
     recipe: str = "lens",
     **options: Any,
 ) -> dict[str, float]:
-    """verl's per-row reward hook (``custom_reward_function.name=compute_score``): ``{"score": ...,
-    <component>: ...}``; arguments as :func:`compute_score_batch`."""
+    """verl's per-row reward hook, as its reward managers call it (``naive``, ``dapo``, ``limited`` in the
+    reward loop; ``naive`` in the legacy workers): ``{"score": ..., <component>: ...}``; arguments as
+    :func:`compute_score_batch`. Reached by ``custom_reward_function.path=pkg://lens_fast.rewards``
+    and ``custom_reward_function.name=compute_score`` (under ``reward.`` on verl >= 0.9)."""
     return compute_score_batch([data_source], [solution_str], [ground_truth], [extra_info], recipe=recipe, **options)[0]

@@ -6,11 +6,12 @@ prompt b); ground truth has one entry per prompt (leading dim B).
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Sequence
+from typing import Any, NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
 
+from lens_fast.ops.mask_stats import foreground
 from lens_fast.rewards.parsing import Box, ParsedAnswer, Point, parse_answer
 
 
@@ -69,6 +70,47 @@ def float_tensor(
     if positive and not bool((tensor > 0).all()):
         raise ValueError(f"{name} must be positive (height, width) pairs")
     return tensor.to(device)
+
+
+def plain(value: Any) -> Any:
+    """numpy arrays / tensors (as verl's parquet rows hold them) turned into Python lists, recursively."""
+    if isinstance(value, (np.ndarray, torch.Tensor)):
+        return plain(value.tolist())
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    return value
+
+
+def mask_tensor(name: str, value: object) -> torch.Tensor:
+    """A mask or logits given as a tensor, a numpy array or nested lists (a dataset column, verl's
+    ``extra_info``: float64 / int64 / bool once read) as a tensor of its own dtype; numpy arrays are
+    shared, not copied. TypeError naming ``name`` unless the values are bools, integers or reals;
+    ValueError when nested lists are ragged."""
+    if isinstance(value, torch.Tensor):
+        tensor = value
+    else:
+        array = value if isinstance(value, np.ndarray) and value.dtype != object else None
+        if array is None:
+            try:
+                array = np.asarray(plain(value))
+            except ValueError as error:  # ragged nesting
+                raise ValueError(f"{name} must be a rectangular array of numbers, got ragged lists: {error}") from None
+        if array.dtype.kind not in "biuf":
+            raise TypeError(f"{name} must hold bools, integers or real numbers, got numpy dtype {array.dtype}")
+        tensor = torch.from_numpy(array if array.flags.writeable else array.copy())
+    if tensor.dtype.is_complex:
+        raise TypeError(f"{name} must hold bools, integers or real numbers, got {tensor.dtype}")
+    return tensor
+
+
+def mask_foreground(name: str, value: object, threshold: float) -> torch.Tensor:
+    """The bool foreground of a mask given as :func:`mask_tensor` takes it: bool and integer values
+    nonzero, floats ``> threshold`` (a float32-rounded, non-NaN number: ``ops.mask_stats.check_threshold``)."""
+    return foreground(mask_tensor(name, value), threshold)
 
 
 def _shape_text(shape: tuple[int, ...]) -> str:

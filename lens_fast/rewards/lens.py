@@ -6,7 +6,7 @@ from typing import Optional, Sequence
 import torch
 
 from lens_fast import ops
-from lens_fast._backend import as_tensor
+from lens_fast.ops.mask_stats import GT_DTYPES, PRED_DTYPES, check_threshold, foreground
 from lens_fast.rewards.batch import (
     RewardOutput,
     as_float,
@@ -14,6 +14,7 @@ from lens_fast.rewards.batch import (
     float_tensor,
     frame_scale,
     group_size,
+    mask_tensor,
     pack_boxes,
     parse_all,
     scale_boxes,
@@ -40,10 +41,12 @@ def lens_reward(
     - ``gt_boxes``: [B, 4] xyxy in the ground truth's pixel frame. The predicted box is the parsed
       answer's first box (:func:`~lens_fast.rewards.parse_answer`), scaled by ``gt_size / policy_size``
       when those [B, 2] (height, width) sizes are given; no box scores 0.
-    - ``pred_masks`` [B, G, H, W] (bool/uint8, or logits with foreground ``> mask_threshold``) against
-      ``gt_masks`` [B, H, W] (bool/uint8), tensors or numpy arrays: IoU^2. With masks, the box and mask IoUs of
-      the whole batch come from one ``ops.reward_iou`` call (one kernel launch on CUDA; ``backend`` as there);
-      a pair whose union is empty has mask IoU ``empty_mask_iou``.
+    - ``pred_masks`` [B, G, H, W] against ``gt_masks`` [B, H, W], tensors, numpy arrays or nested lists of
+      any bool, integer or real dtype: IoU^2. Foreground: bool and integers nonzero; ``pred_masks`` floats
+      (logits) ``> mask_threshold``, ``gt_masks`` floats ``> 0``. With masks, the box and mask IoUs of the
+      whole batch come from one ``ops.reward_iou`` call (one kernel launch on CUDA; ``backend`` as there;
+      dtypes the op does not take, such as float64 or int64, are thresholded first); a pair whose union is
+      empty has mask IoU ``empty_mask_iou``.
     - ``cot=True`` adds ``format``: 1 when the completion starts with ``<think>…</think>`` then
       ``<answer>…</answer>`` (LENS's ``re.match``).
 
@@ -54,7 +57,13 @@ def lens_reward(
     if (pred_masks is None) != (gt_masks is None):
         raise ValueError("pred_masks and gt_masks go together: give both or neither")
     if pred_masks is not None:
-        pred_masks = as_tensor("pred_masks", pred_masks)
+        pred_masks = mask_tensor("pred_masks", pred_masks)
+        if pred_masks.dtype not in PRED_DTYPES:
+            pred_masks = foreground(pred_masks, check_threshold(mask_threshold, pred_masks.dtype))
+            mask_threshold = 0.0
+        gt_masks = mask_tensor("gt_masks", gt_masks)
+        if gt_masks.dtype not in GT_DTYPES:
+            gt_masks = foreground(gt_masks, 0.0)
         device = pred_masks.device
     else:
         device = gt_boxes.device if isinstance(gt_boxes, torch.Tensor) else torch.device("cpu")
