@@ -99,6 +99,23 @@ std::pair<uint32_t, uint32_t> to_size(PyObject* h, PyObject* w, const std::strin
   return {uint32_t(hv), uint32_t(wv)};
 }
 
+// Calls f(item) (an owned reference) for the items of an iterable, in order, while f returns true;
+// false (error cleared) when obj is not iterable. len() is never asked, not even as a size hint,
+// and nothing is sized from it. An exception raised by the iteration itself propagates.
+template <typename F>
+bool for_each_item(PyObject* obj, F&& f) {
+  const py::object iterator = py::reinterpret_steal<py::object>(PyObject_GetIter(obj));
+  if (!iterator) {
+    PyErr_Clear();
+    return false;
+  }
+  while (PyObject* item = PyIter_Next(iterator.ptr())) {
+    if (!f(py::reinterpret_steal<py::object>(item))) break;
+  }
+  if (PyErr_Occurred()) throw py::error_already_set();
+  return true;
+}
+
 // Appends uncompressed counts (an integer ndarray or any iterable of ints) to `out`; returns how
 // many. Their number is the array's own size or what iteration gave, never len(): nothing is sized
 // before Python code (__len__, __iter__, __index__) has run.
@@ -128,16 +145,12 @@ size_t read_count_list(PyObject* counts, const std::string& what, std::vector<ui
     for (size_t j = 0; j < n; ++j) put(v[j]);
     return n;
   }
-  py::object seq = py::reinterpret_steal<py::object>(PySequence_List(counts));
-  if (!seq) {
-    PyErr_Clear();
+  const bool iterable = for_each_item(counts, [&](const py::object& item) {
+    put(to_int(item.ptr(), what + "[" + std::to_string(out.size() - first) + "]"));
+    return true;
+  });
+  if (!iterable) {
     throw py::type_error(what + " must be bytes, str or a list of ints, got " + type_name(counts));
-  }
-  // The list's size is read again at every step and each item is owned while its __index__ runs:
-  // that code could reach this list (through the gc) and change it.
-  for (Py_ssize_t j = 0; j < PyList_GET_SIZE(seq.ptr()); ++j) {
-    const py::object item = py::reinterpret_borrow<py::object>(PyList_GET_ITEM(seq.ptr(), j));
-    put(to_int(item.ptr(), what + "[" + std::to_string(j) + "]"));
   }
   return out.size() - first;
 }
@@ -150,15 +163,14 @@ py::object dict_item(PyObject* dict, const char* key) {
 // Parses a list of RLE dicts; counts may be compressed (bytes or str) or a list of ints. Errors
 // name the argument `name` and the index.
 RleList parse_rles(py::handle objs, const std::string& name, int num_threads) {
-  py::object seq = py::reinterpret_steal<py::object>(PySequence_List(objs.ptr()));
-  if (!seq) {
-    PyErr_Clear();
+  std::vector<py::object> items;  // owned: Python code run below cannot free them
+  if (!for_each_item(objs.ptr(), [&](py::object item) {
+        items.push_back(std::move(item));
+        return true;
+      })) {
     throw py::type_error(name + " must be a list of RLE dicts, got " + type_name(objs.ptr()));
   }
-  // Owned references to the items, taken before any Python code runs.
-  const size_t n = size_t(PyList_GET_SIZE(seq.ptr()));
-  std::vector<py::object> items(n);
-  for (size_t i = 0; i < n; ++i) items[i] = py::reinterpret_borrow<py::object>(PyList_GET_ITEM(seq.ptr(), i));
+  const size_t n = items.size();
   RleList rles;
   rles.h.resize(n);
   rles.w.resize(n);
@@ -186,15 +198,14 @@ RleList parse_rles(py::handle objs, const std::string& name, int num_threads) {
     if (!size || counts == nullptr) {
       throw py::value_error(where + " must have keys 'size' and 'counts'");
     }
-    py::object size_seq = py::reinterpret_steal<py::object>(PySequence_List(size.ptr()));
-    if (!size_seq || PyList_GET_SIZE(size_seq.ptr()) != 2) {
-      PyErr_Clear();
-      throw py::value_error(where + "['size'] must be [h, w]");
-    }
-    const py::object h = py::reinterpret_borrow<py::object>(PyList_GET_ITEM(size_seq.ptr(), 0));
-    const py::object w = py::reinterpret_borrow<py::object>(PyList_GET_ITEM(size_seq.ptr(), 1));
-    std::tie(rles.h[i], rles.w[i]) =
-        to_size(h.ptr(), w.ptr(), where + "['size'][0]", where + "['size'][1]", where + "['size']");
+    std::vector<py::object> hw;  // up to 3 items: a third says the size is not [h, w]
+    const bool iterable = for_each_item(size.ptr(), [&](py::object item) {
+      hw.push_back(std::move(item));
+      return hw.size() < 3;
+    });
+    if (!iterable || hw.size() != 2) throw py::value_error(where + "['size'] must be [h, w]");
+    std::tie(rles.h[i], rles.w[i]) = to_size(hw[0].ptr(), hw[1].ptr(), where + "['size'][0]",
+                                             where + "['size'][1]", where + "['size']");
     Source& source = sources[i];
     if (PyBytes_Check(counts)) {
       source.text = PyBytes_AS_STRING(counts);

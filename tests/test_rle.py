@@ -521,7 +521,11 @@ class _IndexWithSideEffect:
 
 def test_parsing_survives_an_index_that_changes_its_containers():
     counts = [None, 6, 0, 0]
-    counts[0] = _IndexWithSideEffect(6, counts.clear)
+    counts[0] = _IndexWithSideEffect(6, counts.clear)  # counts are read as iterated: [6] alone
+    with pytest.raises(ValueError, match=r"counts sum to 6, expected h \* w = 12"):
+        rle.decode({"size": [3, 4], "counts": counts})
+    counts = [None, 6]
+    counts[0] = _IndexWithSideEffect(6, lambda: counts.extend([0] * 100_000))
     assert rle.decode({"size": [3, 4], "counts": counts}).sum() == 6
     size = [None, 4]
     size[0] = _IndexWithSideEffect(3, size.clear)
