@@ -90,7 +90,7 @@ LENS_FAST_TARGET_AVX2 bool scan_column_avx2(const uint8_t* col, uint32_t len, ui
   CountWriter writer = out;  // a local copy stays in registers
   if ((col[0] != 0) != previous) writer.start(base);
   uint32_t i = 1;
-  for (; i + 64 <= len; i += 64) {
+  for (; len - i >= 64; i += 64) {  // not i + 64 <= len: that wraps for len near 2^32
     for (uint64_t bits = differ64(col + i, col + i - 1); bits; bits = _blsr_u64(bits)) {
       writer.start(base + i + uint32_t(_tzcnt_u64(bits)));
     }
@@ -137,7 +137,7 @@ LENS_FAST_TARGET_AVX2 size_t diff_rows_avx2(const uint8_t* cur, const uint8_t* a
                                            uint32_t w, uint32_t* events, size_t n_events,
                                            uint32_t* per_column) {
   uint32_t x = x0;
-  for (; x + 64 <= w; x += 64) {
+  for (; w - x >= 64; x += 64) {
     for (uint64_t bits = differ64(cur + x, above + x); bits; bits = _blsr_u64(bits)) {
       const uint32_t col = x + uint32_t(_tzcnt_u64(bits));
       events[n_events++] = col;
@@ -247,7 +247,7 @@ class ZeroScratch {
  public:
   T* get(size_t n) {
     if (n > capacity_) {
-      data_.reset(new T[n]());
+      data_.reset(allocate<T>(n, true));
       capacity_ = n;
     }
     return data_.get();
@@ -262,7 +262,7 @@ class ZeroScratch {
 // row0 holds row 0 (zero past w), and flips[y * stride + c] (y >= 1) has bit b set when pixel (y, 32 * c + b)
 // differs from the pixel above it. The sweeps write the mask and hand flips back all zero.
 struct RowBits {
-  uint32_t stride;
+  size_t stride;
   const uint32_t* row0;
   uint32_t* flips;
 };
@@ -273,8 +273,8 @@ void sweep_rows_scalar(uint8_t* out, uint32_t h, uint32_t w, const RowBits& rows
     uint8_t* row = out + size_t(r) * w;
     std::memcpy(row, row - w, w);
     uint32_t* flips = rows.flips + size_t(r) * rows.stride;
-    for (uint32_t c = 0; c < rows.stride; ++c) {
-      for (uint32_t bits = flips[c]; bits; bits &= bits - 1) row[32 * c + uint32_t(__builtin_ctz(bits))] ^= 1;
+    for (size_t c = 0; c < rows.stride; ++c) {
+      for (uint32_t bits = flips[c]; bits; bits &= bits - 1) row[32 * c + size_t(__builtin_ctz(bits))] ^= 1;
       flips[c] = 0;
     }
   }
@@ -303,7 +303,7 @@ LENS_FAST_TARGET_AVX2 inline void store_bytes(uint8_t* p, __m256i v, bool stream
 // flips, stored long before, so no load waits for a store) and is expanded from them, 32 bytes a
 // store, never read back.
 template <int K>
-LENS_FAST_TARGET_AVX2 void sweep_stripe(uint8_t* out, uint32_t h, uint32_t w, const RowBits& rows, uint32_t c0,
+LENS_FAST_TARGET_AVX2 void sweep_stripe(uint8_t* out, uint32_t h, uint32_t w, const RowBits& rows, size_t c0,
                                         bool stream) {
   const uint32_t chunks = w / 32;
   __m256i bits[K];
@@ -318,8 +318,8 @@ LENS_FAST_TARGET_AVX2 void sweep_stripe(uint8_t* out, uint32_t h, uint32_t w, co
     }
     uint8_t* row = out + size_t(r) * w + 32 * c0;
     for (int j = 0; j < K; ++j) {
-      const uint32_t n = std::min<uint32_t>(8, chunks - std::min<uint32_t>(chunks, c0 + 8 * j));  // full chunks
-      for (uint32_t k = 0; k < n; ++k) {
+      const size_t n = std::min<size_t>(8, chunks - std::min<size_t>(chunks, c0 + 8 * j));  // full chunks
+      for (size_t k = 0; k < n; ++k) {
         const __m256i lanes = _mm256_permutevar8x32_epi32(bits[j], _mm256_set1_epi32(int32_t(k)));
         store_bytes(row + 256 * j + 32 * k, expand_lanes(lanes), stream);
       }
@@ -331,7 +331,7 @@ LENS_FAST_TARGET_AVX2 void sweep_stripe(uint8_t* out, uint32_t h, uint32_t w, co
 // columns. A column tail (w not a multiple of 32) is written first, 32 bytes ending at w per row,
 // before the passes rewrite the bytes it shares with them.
 LENS_FAST_TARGET_AVX2 void sweep_rows_avx2(uint8_t* out, uint32_t h, uint32_t w, const RowBits& rows) {
-  const uint32_t stride = rows.stride;
+  const size_t stride = rows.stride;
   if (w < 32) {
     sweep_rows_scalar(out, h, w, rows);
     return;
@@ -353,7 +353,7 @@ LENS_FAST_TARGET_AVX2 void sweep_rows_avx2(uint8_t* out, uint32_t h, uint32_t w,
       store_bytes(out + size_t(r) * w + first, expand_lanes(_mm256_set1_epi32(int32_t(bits))), false);
     }
   }
-  uint32_t c0 = 0;
+  size_t c0 = 0;
   for (; c0 + 32 <= stride; c0 += 32) sweep_stripe<4>(out, h, w, rows, c0, stream);
   switch ((stride - c0) / 8) {
     case 1: sweep_stripe<1>(out, h, w, rows, c0, stream); break;
@@ -411,9 +411,9 @@ inline void transpose16(const uint8_t* src, size_t src_stride, uint8_t* dst, siz
 // dst (row-major h x w) = src (column-major h x w), in 16 x 16 blocks.
 void column_to_row_major(const uint8_t* src, uint32_t h, uint32_t w, uint8_t* dst) {
   uint32_t y0 = 0;
-  for (; y0 + 16 <= h; y0 += 16) {
+  for (; h - y0 >= 16; y0 += 16) {  // not y0 + 16 <= h, which wraps near 2^32
     uint32_t x0 = 0;
-    for (; x0 + 16 <= w; x0 += 16) {
+    for (; w - x0 >= 16; x0 += 16) {
       transpose16(src + size_t(x0) * h + y0, h, dst + size_t(y0) * w + x0, w);
     }
     for (uint32_t y = y0; y < y0 + 16; ++y) {
@@ -666,8 +666,11 @@ constexpr uint32_t kShortRunsPerPixel = 24;
 void set_simd_enabled(bool enabled) { g_simd_enabled.store(enabled); }
 
 void check_size(int64_t h, int64_t w, const std::string& what) {
-  if (h < 0 || w < 0 || (h > 0 && w > int64_t(UINT32_MAX) / h)) {
-    fail(what + " must be non-negative with h * w < 2^32, got h=" + std::to_string(h) +
+  // Each side on its own too: with the other side 0 the product says nothing, and a side that
+  // does not fit in uint32 would be stored truncated.
+  if (h < 0 || w < 0 || h > int64_t(UINT32_MAX) || w > int64_t(UINT32_MAX) ||
+      uint64_t(h) * uint64_t(w) > UINT32_MAX) {
+    fail(what + " must be non-negative with h, w and h * w below 2^32, got h=" + std::to_string(h) +
          ", w=" + std::to_string(w));
   }
 }
@@ -750,6 +753,10 @@ void decode_row_major(const RleView& rle, uint8_t* out) {
   const uint32_t h = rle.h, w = rle.w;
   const uint32_t pixels = h * w;
   if (pixels == 0) return;
+  if (h == 1 || w == 1) {  // one row or one column: row-major is column-major
+    decode_column_major(rle, out);
+    return;
+  }
   if (rle.m > pixels / kShortRunsPerPixel) {
     thread_local Scratch<uint8_t> column_major;
     uint8_t* tmp = column_major.get(pixels);
@@ -761,7 +768,8 @@ void decode_row_major(const RleView& rle, uint8_t* out) {
   // a word) the columns holding an odd number of them.
   thread_local ZeroScratch<uint32_t> flips_buffer;
   thread_local Scratch<uint32_t> parity_buffer, row0_buffer;
-  const uint32_t stride = (w + 255) / 256 * 8;
+  // Sizes in size_t: (w + 255) and (w + 31) wrap in 32 bits for w near 2^32.
+  const size_t stride = (size_t(w) + 255) / 256 * 8;
   uint32_t* flips = flips_buffer.get(size_t(h) * stride);
   uint32_t* parity = parity_buffer.get(stride);
   std::memset(parity, 0, sizeof(uint32_t) * stride);
@@ -786,7 +794,7 @@ void decode_row_major(const RleView& rle, uint8_t* out) {
   // by a start at (0, x) itself.
   uint32_t* row0 = row0_buffer.get(stride);
   uint32_t odd_before = 0;  // all ones when the words before hold an odd number of starts
-  for (uint32_t c = 0; c < stride; ++c) {
+  for (size_t c = 0; c < stride; ++c) {
     const uint32_t v = parity[c];
     uint32_t prefix = v ^ (v << 1);  // bit b: parity of bits 0..b of v
     prefix ^= prefix << 2;
@@ -797,9 +805,9 @@ void decode_row_major(const RleView& rle, uint8_t* out) {
     odd_before ^= uint32_t(0) - (prefix >> 31);
     flips[c] = 0;
   }
-  const uint32_t words = (w + 31) / 32;  // the carry set every bit past w: clear them
+  const size_t words = (size_t(w) + 31) / 32;  // the carry set every bit past w: clear them
   if (w % 32 != 0) row0[words - 1] &= (uint32_t(1) << (w % 32)) - 1;
-  for (uint32_t c = words; c < stride; ++c) row0[c] = 0;
+  for (size_t c = words; c < stride; ++c) row0[c] = 0;
   const auto sweep_rows = LENS_FAST_DISPATCH(sweep_rows_avx2, sweep_rows_scalar);
   sweep_rows(out, h, w, RowBits{stride, row0, flips});
 }

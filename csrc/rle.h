@@ -14,11 +14,31 @@
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <new>
 #include <string>
 #include <vector>
 
 namespace lens_fast {
 namespace rle {
+
+// A failed allocation that says its size (pybind11 turns it into a MemoryError with this message).
+class AllocationError : public std::bad_alloc {
+ public:
+  explicit AllocationError(size_t bytes)
+      : message_("lens_fast rle: cannot allocate " + std::to_string(bytes) + " bytes") {}
+  const char* what() const noexcept override { return message_.c_str(); }
+
+ private:
+  std::string message_;
+};
+
+// new T[n] (zero-filled when `zero`), throwing AllocationError when the memory is not there.
+template <typename T>
+T* allocate(size_t n, bool zero) {
+  T* p = zero ? new (std::nothrow) T[n]() : new (std::nothrow) T[n];
+  if (p == nullptr) throw AllocationError(n * sizeof(T));
+  return p;
+}
 
 // A grow-only, uninitialised buffer, kept per thread (thread_local) to spare the allocator.
 template <typename T>
@@ -26,7 +46,7 @@ class Scratch {
  public:
   T* get(size_t n) {
     if (n > capacity_) {
-      data_.reset(new T[n]);
+      data_.reset(allocate<T>(n, false));
       capacity_ = n;
     }
     return data_.get();
@@ -49,7 +69,8 @@ struct RleView {
 // paths on any machine.
 void set_simd_enabled(bool enabled);
 
-// ValueError-style check of a mask size: h * w < 2^32. `what` names it in the message.
+// ValueError-style check of a mask size: 0 <= h, w and h * w < 2^32 (each side too, whatever the
+// other). `what` names it in the message.
 void check_size(int64_t h, int64_t w, const std::string& what);
 
 // ---- encoding

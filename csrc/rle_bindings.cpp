@@ -7,6 +7,7 @@
 #include <functional>
 #include <stdexcept>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "bindings.h"
@@ -46,29 +47,86 @@ struct RleList {
 
 std::string type_name(PyObject* obj) { return Py_TYPE(obj)->tp_name; }
 
+// The value of `index`, a new reference to an int (released here); ValueError beyond 64 bits.
+int64_t take_int64(PyObject* index, const std::string& what) {
+  const py::object owned = py::reinterpret_steal<py::object>(index);
+  const long long value = PyLong_AsLongLong(index);
+  if (value == -1 && PyErr_Occurred()) {
+    PyErr_Clear();
+    throw py::value_error(what + " is out of range (it does not fit in 64 bits)");
+  }
+  return value;
+}
+
 int64_t to_int(PyObject* obj, const std::string& what) {
   PyObject* index = PyNumber_Index(obj);
   if (index == nullptr) {
     PyErr_Clear();
     throw py::type_error(what + " must be an integer, got " + type_name(obj));
   }
-  const long long value = PyLong_AsLongLong(index);
-  Py_DECREF(index);
-  if (value == -1 && PyErr_Occurred()) {
-    PyErr_Clear();
-    throw py::value_error(what + " is out of range");
-  }
-  return value;
+  return take_int64(index, what);
 }
 
-// Copies uncompressed counts (a sequence of ints or an integer ndarray) into out[0, n).
-void read_count_list(PyObject* counts, const std::string& what, uint32_t* out, size_t n) {
-  auto put = [&](size_t j, int64_t value) {
+// One side (h or w) of a mask size, read as pycocotools reads it: an integer, or a real number
+// (float, numpy float, Decimal, ...) truncated toward zero, as annotation files converted from
+// other formats store heights and widths. NaN, infinities, negative values and values of 2^32 or
+// more are a ValueError (pycocotools raises on most of them, but turns -0.5 into 0 and accepts
+// 2^32, whose counts no longer fit); strings and other types a TypeError.
+int64_t to_side(PyObject* obj, const std::string& what) {
+  PyObject* index = PyNumber_Index(obj);
+  if (index != nullptr) return take_int64(index, what);
+  PyErr_Clear();
+  const PyNumberMethods* number = Py_TYPE(obj)->tp_as_number;
+  if (number == nullptr || number->nb_float == nullptr) {  // no __float__: str, None, ...
+    throw py::type_error(what + " must be an integer or a real number, got " + type_name(obj));
+  }
+  const double value = PyFloat_AsDouble(obj);
+  if (value == -1.0 && PyErr_Occurred()) {
+    PyErr_Clear();
+    throw py::type_error(what + " must be an integer or a real number, got " + type_name(obj));
+  }
+  if (!(value >= 0 && value < 4294967296.0)) {  // also NaN
+    throw py::value_error(what + " = " + std::to_string(value) + " must be a number in [0, 2^32)");
+  }
+  return int64_t(value);
+}
+
+// (h, w) of a mask from two Python numbers (to_side), checked by check_size (ValueError naming `what`).
+std::pair<uint32_t, uint32_t> to_size(PyObject* h, PyObject* w, const std::string& h_name,
+                                      const std::string& w_name, const std::string& what) {
+  const int64_t hv = to_side(h, h_name), wv = to_side(w, w_name);
+  check_size(hv, wv, what);
+  return {uint32_t(hv), uint32_t(wv)};
+}
+
+// Calls f(item) (an owned reference) for the items of an iterable, in order, while f returns true;
+// false (error cleared) when obj is not iterable. len() is never asked, not even as a size hint,
+// and nothing is sized from it. An exception raised by the iteration itself propagates.
+template <typename F>
+bool for_each_item(PyObject* obj, F&& f) {
+  const py::object iterator = py::reinterpret_steal<py::object>(PyObject_GetIter(obj));
+  if (!iterator) {
+    PyErr_Clear();
+    return false;
+  }
+  while (PyObject* item = PyIter_Next(iterator.ptr())) {
+    if (!f(py::reinterpret_steal<py::object>(item))) break;
+  }
+  if (PyErr_Occurred()) throw py::error_already_set();
+  return true;
+}
+
+// Appends uncompressed counts (an integer ndarray or any iterable of ints) to `out`; returns how
+// many. Their number is the array's own size or what iteration gave, never len(): nothing is sized
+// before Python code (__len__, __iter__, __index__) has run.
+size_t read_count_list(PyObject* counts, const std::string& what, std::vector<uint32_t>& out) {
+  const size_t first = out.size();
+  auto put = [&](int64_t value) {
     if (value < 0 || value > int64_t(UINT32_MAX)) {
-      throw py::value_error(what + "[" + std::to_string(j) + "] = " + std::to_string(value) +
-                            " is outside [0, 2^32)");
+      throw py::value_error(what + "[" + std::to_string(out.size() - first) + "] = " +
+                            std::to_string(value) + " is outside [0, 2^32)");
     }
-    out[j] = uint32_t(value);
+    out.push_back(uint32_t(value));
   };
   if (py::isinstance<py::array>(counts)) {
     auto array = py::reinterpret_borrow<py::array>(counts);
@@ -78,73 +136,76 @@ void read_count_list(PyObject* counts, const std::string& what, uint32_t* out, s
                            std::string(py::str(array.dtype())) + " with " +
                            std::to_string(array.ndim()) + " dims");
     }
+    // A base-class C-contiguous int64 copy or view: its size is the buffer's, whatever a subclass says.
     auto values = py::array_t<int64_t, py::array::c_style | py::array::forcecast>::ensure(array);
+    if (!values) throw py::error_already_set();
     const int64_t* v = values.data();
-    for (size_t j = 0; j < n; ++j) put(j, v[j]);
-    return;
+    const size_t n = size_t(values.size());
+    out.reserve(first + n);
+    for (size_t j = 0; j < n; ++j) put(v[j]);
+    return n;
   }
-  py::object seq = py::reinterpret_steal<py::object>(PySequence_List(counts));
-  if (!seq) {
-    PyErr_Clear();
+  const bool iterable = for_each_item(counts, [&](const py::object& item) {
+    put(to_int(item.ptr(), what + "[" + std::to_string(out.size() - first) + "]"));
+    return true;
+  });
+  if (!iterable) {
     throw py::type_error(what + " must be bytes, str or a list of ints, got " + type_name(counts));
   }
-  // Room for n counts was made from len(counts): an object whose iteration disagrees must not
-  // be read past its end.
-  const size_t length = size_t(PySequence_Fast_GET_SIZE(seq.ptr()));
-  if (length != n) {
-    throw py::value_error(what + " holds " + std::to_string(length) + " values but len() said " +
-                          std::to_string(n));
-  }
-  PyObject** items = PySequence_Fast_ITEMS(seq.ptr());
-  for (size_t j = 0; j < n; ++j) put(j, to_int(items[j], what + "[" + std::to_string(j) + "]"));
+  return out.size() - first;
+}
+
+// dict[key] as an owned reference (null when absent), taken before any other Python code runs.
+py::object dict_item(PyObject* dict, const char* key) {
+  return py::reinterpret_borrow<py::object>(PyDict_GetItemString(dict, key));
 }
 
 // Parses a list of RLE dicts; counts may be compressed (bytes or str) or a list of ints. Errors
 // name the argument `name` and the index.
 RleList parse_rles(py::handle objs, const std::string& name, int num_threads) {
-  py::object seq = py::reinterpret_steal<py::object>(PySequence_List(objs.ptr()));
-  if (!seq) {
-    PyErr_Clear();
+  std::vector<py::object> items;  // owned: Python code run below cannot free them
+  if (!for_each_item(objs.ptr(), [&](py::object item) {
+        items.push_back(std::move(item));
+        return true;
+      })) {
     throw py::type_error(name + " must be a list of RLE dicts, got " + type_name(objs.ptr()));
   }
-  const size_t n = size_t(PySequence_Fast_GET_SIZE(seq.ptr()));
-  PyObject** items = PySequence_Fast_ITEMS(seq.ptr());
+  const size_t n = items.size();
   RleList rles;
   rles.h.resize(n);
   rles.w.resize(n);
   rles.begin.resize(n);
   rles.m.resize(n);
   struct Source {
-    const char* text = nullptr;  // compressed counts, or nullptr for a list
-    size_t length = 0;           // characters, or list length
+    const char* text = nullptr;  // compressed counts, or nullptr for counts read into `listed`
+    size_t length = 0;           // characters, or counts
+    size_t listed_begin = 0;     // where in `listed` the counts are
   };
   std::vector<Source> sources(n);
-  std::vector<py::object> keep_alive(n);  // the counts objects, while the GIL is released
+  std::vector<py::object> keep_alive(n);  // the counts objects (immutable text), while the GIL is released
+  std::vector<uint32_t> listed;           // uncompressed counts, read in full before anything is sized
   size_t total = 0;
   for (size_t i = 0; i < n; ++i) {
     const std::string where = name + "[" + std::to_string(i) + "]";
-    PyObject* obj = items[i];
+    PyObject* obj = items[i].ptr();
     if (!PyDict_Check(obj)) {
       throw py::type_error(where + " must be a dict with 'size' and 'counts', got " + type_name(obj));
     }
-    PyObject* size = PyDict_GetItemString(obj, "size");
-    PyObject* counts = PyDict_GetItemString(obj, "counts");
-    if (size == nullptr || counts == nullptr) {
+    // Owned before any other Python code runs (an __index__ below may change the dict).
+    const py::object size = dict_item(obj, "size");
+    keep_alive[i] = dict_item(obj, "counts");
+    PyObject* counts = keep_alive[i].ptr();
+    if (!size || counts == nullptr) {
       throw py::value_error(where + " must have keys 'size' and 'counts'");
     }
-    // Owned before any Python code runs (an __index__ below may change the dict).
-    const py::object size_ref = py::reinterpret_borrow<py::object>(size);
-    keep_alive[i] = py::reinterpret_borrow<py::object>(counts);
-    py::object size_seq = py::reinterpret_steal<py::object>(PySequence_List(size));
-    if (!size_seq || PySequence_Fast_GET_SIZE(size_seq.ptr()) != 2) {
-      PyErr_Clear();
-      throw py::value_error(where + "['size'] must be [h, w]");
-    }
-    const int64_t h = to_int(PySequence_Fast_GET_ITEM(size_seq.ptr(), 0), where + "['size'][0]");
-    const int64_t w = to_int(PySequence_Fast_GET_ITEM(size_seq.ptr(), 1), where + "['size'][1]");
-    check_size(h, w, where + "['size']");
-    rles.h[i] = uint32_t(h);
-    rles.w[i] = uint32_t(w);
+    std::vector<py::object> hw;  // up to 3 items: a third says the size is not [h, w]
+    const bool iterable = for_each_item(size.ptr(), [&](py::object item) {
+      hw.push_back(std::move(item));
+      return hw.size() < 3;
+    });
+    if (!iterable || hw.size() != 2) throw py::value_error(where + "['size'] must be [h, w]");
+    std::tie(rles.h[i], rles.w[i]) = to_size(hw[0].ptr(), hw[1].ptr(), where + "['size'][0]",
+                                             where + "['size'][1]", where + "['size']");
     Source& source = sources[i];
     if (PyBytes_Check(counts)) {
       source.text = PyBytes_AS_STRING(counts);
@@ -158,29 +219,23 @@ RleList parse_rles(py::handle objs, const std::string& name, int num_threads) {
       }
       source.length = size_t(length);
     } else {
-      const Py_ssize_t length = PyObject_Length(counts);
-      if (length < 0) {
-        PyErr_Clear();
-        throw py::type_error(where + "['counts'] must be bytes, str or a list of ints, got " +
-                             type_name(counts));
+      source.listed_begin = listed.size();
+      source.length = read_count_list(counts, where + "['counts']", listed);
+      try {
+        check_counts(listed.data() + source.listed_begin, source.length, rles.h[i], rles.w[i]);
+      } catch (const std::invalid_argument& e) {
+        throw py::value_error(where + "['counts']: " + e.what());
       }
-      source.length = size_t(length);
+      rles.m[i] = source.length;
     }
     rles.begin[i] = total;
     total += std::max<size_t>(source.length, 1);
   }
-  rles.data.reset(new uint32_t[std::max<size_t>(total, 1)]);
+  rles.data.reset(allocate<uint32_t>(std::max<size_t>(total, 1), false));
   for (size_t i = 0; i < n; ++i) {
     if (sources[i].text != nullptr) continue;
-    const std::string where = name + "[" + std::to_string(i) + "]['counts']";
-    uint32_t* counts = rles.data.get() + rles.begin[i];
-    read_count_list(keep_alive[i].ptr(), where, counts, sources[i].length);
-    rles.m[i] = sources[i].length;
-    try {
-      check_counts(counts, rles.m[i], rles.h[i], rles.w[i]);
-    } catch (const std::invalid_argument& e) {
-      throw py::value_error(where + ": " + e.what());
-    }
+    const uint32_t* from = listed.data() + sources[i].listed_begin;
+    std::copy(from, from + sources[i].length, rles.data.get() + rles.begin[i]);
   }
   py::gil_scoped_release release;
   parallel_for(int64_t(n), num_threads, [&](int64_t i) {
@@ -211,19 +266,19 @@ py::dict make_rle(uint32_t h, uint32_t w, const std::vector<uint32_t>& counts) {
   return make_rle(h, w, text.data(), text.size());
 }
 
-// Compresses n RLEs (mask i has counts[offsets[i], offsets[i + 1])) into dicts, in parallel.
+// Compresses n h x w RLEs into dicts, in parallel: counts_of(i, scratch) gives mask i's counts,
+// written to `scratch` (a per-thread buffer it sizes) or found elsewhere.
 py::list compress_all(int64_t n, uint32_t h, uint32_t w, int num_threads,
-                      const std::function<size_t(int64_t, uint32_t*)>& counts_of) {
+                      const std::function<RleView(int64_t, Scratch<uint32_t>&)>& counts_of) {
   std::vector<std::string> texts(size_t(std::max<int64_t>(n, 0)));
   {
     py::gil_scoped_release release;
     parallel_for(n, num_threads, [&](int64_t i) {
       thread_local Scratch<uint32_t> counts_buffer;
       thread_local Scratch<char> text_buffer;
-      uint32_t* counts = counts_buffer.get(max_counts(h, w));
-      const size_t m = counts_of(i, counts);
-      char* text = text_buffer.get(max_string_length(m));
-      texts[size_t(i)].assign(text, counts_to_chars(counts, m, text));
+      const RleView r = counts_of(i, counts_buffer);
+      char* text = text_buffer.get(max_string_length(r.m));
+      texts[size_t(i)].assign(text, counts_to_chars(r.counts, r.m, text));
     });
   }
   py::list out(texts.size());
@@ -235,8 +290,10 @@ py::list encode_binding(uintptr_t data, int64_t n, int64_t h, int64_t w, int64_t
                         int64_t stride_h, int64_t stride_w, int num_threads) {
   check_size(h, w, "masks (h, w)");
   const auto* masks = reinterpret_cast<const uint8_t*>(data);
-  return compress_all(n, uint32_t(h), uint32_t(w), num_threads, [&](int64_t i, uint32_t* counts) {
-    return encode(masks + i * stride_n, uint32_t(h), uint32_t(w), stride_h, stride_w, counts);
+  const uint32_t hu = uint32_t(h), wu = uint32_t(w);
+  return compress_all(n, hu, wu, num_threads, [&](int64_t i, Scratch<uint32_t>& scratch) {
+    uint32_t* counts = scratch.get(max_counts(hu, wu));
+    return RleView{hu, wu, counts, encode(masks + i * stride_n, hu, wu, stride_h, stride_w, counts)};
   });
 }
 
@@ -397,11 +454,12 @@ py::list counts_to_dicts_binding(uintptr_t counts_ptr, uintptr_t offsets_ptr, in
   check_size(h, w, "(h, w)");
   const auto* all = reinterpret_cast<const uint32_t*>(counts_ptr);
   const auto* offsets = reinterpret_cast<const int64_t*>(offsets_ptr);
-  return compress_all(n, uint32_t(h), uint32_t(w), num_threads, [&](int64_t i, uint32_t* counts) {
-    const size_t m = size_t(offsets[i + 1] - offsets[i]);
-    check_counts(all + offsets[i], m, uint32_t(h), uint32_t(w));
-    std::copy(all + offsets[i], all + offsets[i] + m, counts);
-    return m;
+  const uint32_t hu = uint32_t(h), wu = uint32_t(w);
+  return compress_all(n, hu, wu, num_threads, [&](int64_t i, Scratch<uint32_t>&) {
+    if (offsets[i + 1] < offsets[i]) throw std::invalid_argument("counts offsets must not decrease");
+    const RleView r{hu, wu, all + offsets[i], size_t(offsets[i + 1] - offsets[i])};
+    check_counts(r.counts, r.m, hu, wu);
+    return r;
   });
 }
 
@@ -473,6 +531,16 @@ void register_rle(py::module_& m) {
       .def("__len__", &RleList::size)
       .def("common_size", &RleList::common_size, py::arg("name"),
            "(h, w) shared by all RLEs; ValueError naming `name` otherwise; (0, 0) when empty.");
+  m.def(
+      "rle_size",
+      [](py::handle h, py::handle w, const std::string& h_name, const std::string& w_name,
+         const std::string& what) {
+        const auto size = to_size(h.ptr(), w.ptr(), h_name, w_name, what);
+        return py::make_tuple(size.first, size.second);
+      },
+      py::arg("h"), py::arg("w"), py::arg("h_name"), py::arg("w_name"), py::arg("what"),
+      "(h, w) as ints from integers or real numbers (truncated, as pycocotools); TypeError/ValueError "
+      "naming them unless 0 <= h, w, h * w < 2^32.");
   m.def("rle_parse", &parse_rles, py::arg("objs"), py::arg("name"), py::arg("num_threads") = 0,
         "Parse a list of RLE dicts (counts: bytes, str or list of ints); ValueError on bad counts.");
   m.def("rle_encode", &encode_binding, py::arg("data"), py::arg("n"), py::arg("h"), py::arg("w"),

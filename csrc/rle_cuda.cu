@@ -3,6 +3,7 @@
 // csrc/rle_kernels.h, which the CPU tests also drive (rle_reference_encode / rle_reference_decode).
 #include <cuda_runtime.h>
 
+#include <climits>
 #include <stdexcept>
 #include <string>
 
@@ -78,7 +79,16 @@ __global__ void decode_kernel(const uint32_t* ends, const int64_t* end_offsets, 
                        uint32_t(x * h + y));
 }
 
-unsigned blocks_for(int64_t items) { return unsigned((items + kThreads - 1) / kThreads); }
+// Blocks of kThreads for `items` threads; beyond the grid's 2^31 - 1 blocks a ValueError, not a
+// grid silently cut short by the conversion to unsigned.
+unsigned blocks_for(int64_t items) {
+  const int64_t blocks = (items + kThreads - 1) / kThreads;
+  if (blocks > int64_t(INT32_MAX)) {
+    throw std::length_error("lens_fast rle CUDA: " + std::to_string(items) +
+                            " threads exceed one launch (2^31 - 1 blocks of " + std::to_string(kThreads) + ")");
+  }
+  return unsigned(blocks);
+}
 
 cudaStream_t as_stream(uintptr_t stream) { return reinterpret_cast<cudaStream_t>(stream); }
 

@@ -18,7 +18,6 @@ C++ work is spread over ``num_threads`` threads across masks (None: ``lens_fast.
 """
 from __future__ import annotations
 
-import operator
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -55,16 +54,6 @@ def _threads(num_threads: Optional[int]) -> int:
     return num_threads
 
 
-def _size_arg(name: str, value: Any) -> int:
-    try:
-        v = operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
-    if v < 0:
-        raise ValueError(f"{name} must be >= 0, got {v}")
-    return v
-
-
 class _Masks:
     """Raw view of a bool/uint8 mask array: address, shape and strides in bytes, device."""
 
@@ -87,6 +76,7 @@ class _Masks:
             raise TypeError(f"{name} must have dtype bool or uint8, got {dtype}")
         if masks.ndim not in ndims:
             raise ValueError(f"{name} must be {shape_doc}, got shape {tuple(masks.shape)}")
+        self.name = name
         self.array = masks
         self.shape = tuple(masks.shape)
 
@@ -94,8 +84,7 @@ class _Masks:
 def _encode_view(masks: _Masks, axes: Tuple[int, int, int], num_threads: int) -> List[RLE]:
     """Encode the masks of ``masks`` whose (n, h, w) axes are ``axes`` of its array."""
     n, h, w = (masks.shape[a] for a in axes)
-    if h * w >= 2**32:
-        raise ValueError(f"masks must have h * w < 2^32 (COCO counts are uint32), got h={h}, w={w}")
+    native().rle_size(h, w, "h", "w", f"{masks.name} (h, w)")  # before any work, on any device
     strides = tuple(masks.strides[a] for a in axes)
     if masks.device.type == "cuda":
         return _encode_cuda(masks.array.permute(*axes), num_threads)
@@ -185,6 +174,15 @@ def decode(rleObjs: Union[RLE, List[RLE]]) -> np.ndarray:
     return out[:, :, 0] if single else out
 
 
+def _empty_masks(n: int, h: int, w: int, device: torch.device) -> torch.Tensor:
+    """An (n, h, w) uint8 tensor; MemoryError with the size when it cannot be allocated (torch
+    reports that as a RuntimeError)."""
+    try:
+        return torch.empty((n, h, w), dtype=torch.uint8, device=device)
+    except RuntimeError as e:
+        raise MemoryError(f"decoding {n} masks of {h} x {w} needs {n * h * w} bytes on {device}: {e}") from e
+
+
 def decode_masks(
     rles: Sequence[RLE], device: Union[str, torch.device, None] = None, num_threads: Optional[int] = None
 ) -> torch.Tensor:
@@ -209,11 +207,11 @@ def decode_masks(
         with torch.cuda.device(device):
             ends_d = torch.from_numpy(ends.view(np.int32)).to(device)
             offsets_d = torch.from_numpy(offsets).to(device)
-            out = torch.empty((n, h, w), dtype=torch.uint8, device=device)
+            out = _empty_masks(n, h, w, device)
             stream = torch.cuda.current_stream(device).cuda_stream
             C.rle_cuda_decode(ends_d.data_ptr(), offsets_d.data_ptr(), n, h, w, out.data_ptr(), stream)
         return out
-    out = torch.empty((n, h, w), dtype=torch.uint8)
+    out = _empty_masks(n, h, w, device)
     C.rle_decode(parsed, out.data_ptr(), False, threads)
     return out
 
@@ -305,10 +303,11 @@ def frPyObjects(pyobj: Any, h: int, w: int) -> Union[RLE, List[RLE]]:
     - list of polygons [[x1, y1, x2, y2, ...], ...] (> 4 numbers each) -> list; one polygon -> dict;
     - uncompressed RLE dict (counts a list) or a list of them -> dict / list (their own size is kept).
     Polygons are rasterised exactly as pycocotools' rleFrPoly (5x upsampled boundary).
+    h, w: integers, or real numbers truncated toward zero as pycocotools does (annotation files
+    often store float heights and widths); ValueError unless 0 <= h, w and h * w < 2^32.
     """
-    h = _size_arg("h", h)
-    w = _size_arg("w", w)
     C = native()
+    h, w = C.rle_size(h, w, "h", "w", "(h, w)")  # float sides truncated, as pycocotools does
     if isinstance(pyobj, np.ndarray):
         return C.rle_from_boxes(_boxes("pyobj", pyobj), h, w)
     if isinstance(pyobj, dict):

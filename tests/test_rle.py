@@ -465,7 +465,9 @@ def test_bad_counts_raise_value_error_in_every_op(counts, message):
         ({"size": [3], "counts": b"<"}, ValueError, r"\['size'\] must be \[h, w\]"),
         ({"size": [-3, 4], "counts": b"<"}, ValueError, "non-negative"),
         ({"size": [2**16, 2**16], "counts": b"0"}, ValueError, "2\\^32"),
-        ({"size": [3.5, 4], "counts": b"<"}, TypeError, "must be an integer"),
+        ({"size": ["3", 4], "counts": b"<"}, TypeError, r"\['size'\]\[0\] must be an integer or a real number, got str"),
+        ({"size": [3, float("nan")], "counts": b"<"}, ValueError, r"\['size'\]\[1\] = nan must be a number in \[0, 2\^32\)"),
+        ({"size": [2**64, 4], "counts": b"<"}, ValueError, r"\['size'\]\[0\] is out of range"),
         ({"size": [3, 4], "counts": 12}, TypeError, "bytes, str or a list of ints"),
         ({"size": [3, 4], "counts": [12.0]}, TypeError, "must be an integer"),
         ({"size": [3, 4], "counts": np.array([12.0])}, TypeError, "1-D integers"),
@@ -486,9 +488,24 @@ class _CountsWithWrongLen:
         return iter([6, 6])
 
 
-def test_counts_whose_len_disagrees_with_iteration_raise():
-    with pytest.raises(ValueError, match=r"rleObjs\[0\]\['counts'\].*2 values.*len\(\) said 1000000"):
-        rle.decode([{"size": [3, 4], "counts": _CountsWithWrongLen()}])
+class _ArrayWithWrongLen(np.ndarray):
+    """An ndarray subclass whose len() lies (issue 11: read_count_list read len() values from it)."""
+
+    def __len__(self):
+        return 50_000_000
+
+
+def test_counts_are_what_iteration_or_the_buffer_holds_whatever_len_says():
+    expected = np.zeros((3, 4), np.uint8, order="F")
+    expected.flat[6:] = 1  # column-major position 6 on
+    assert (rle.decode([{"size": [3, 4], "counts": _CountsWithWrongLen()}])[:, :, 0] == expected.reshape(4, 3).T).all()
+    for dtype in (np.int64, np.uint8, np.int32):
+        lying = np.array([1, 3], dtype).view(_ArrayWithWrongLen)
+        assert rle.area([{"size": [2, 2], "counts": lying}]).tolist() == [3]
+        strided = np.array([1, 9, 3, 9], dtype)[::2].view(_ArrayWithWrongLen)
+        assert rle.decode({"size": [2, 2], "counts": strided}).tolist() == [[0, 1], [1, 1]]
+    with pytest.raises(ValueError, match=r"counts sum to 3, expected h \* w = 5"):
+        rle.area([{"size": [1, 5], "counts": np.array([1, 2], np.int64).view(_ArrayWithWrongLen)}])
 
 
 class _IndexWithSideEffect:
@@ -504,7 +521,11 @@ class _IndexWithSideEffect:
 
 def test_parsing_survives_an_index_that_changes_its_containers():
     counts = [None, 6, 0, 0]
-    counts[0] = _IndexWithSideEffect(6, counts.clear)
+    counts[0] = _IndexWithSideEffect(6, counts.clear)  # counts are read as iterated: [6] alone
+    with pytest.raises(ValueError, match=r"counts sum to 6, expected h \* w = 12"):
+        rle.decode({"size": [3, 4], "counts": counts})
+    counts = [None, 6]
+    counts[0] = _IndexWithSideEffect(6, lambda: counts.extend([0] * 100_000))
     assert rle.decode({"size": [3, 4], "counts": counts}).sum() == 6
     size = [None, 4]
     size[0] = _IndexWithSideEffect(3, size.clear)
@@ -515,6 +536,61 @@ def test_parsing_survives_an_index_that_changes_its_containers():
     obj = {"size": None, "counts": bytes(b"0<")}
     obj["size"] = [_IndexWithSideEffect(3, lambda: obj.pop("counts")), 4]
     assert rle.area(obj) == 12
+
+
+@pytest.mark.parametrize("big", [2**32, 2**32 + 5, 2**33, 2**63 - 1])
+def test_a_side_that_does_not_fit_is_a_value_error_whatever_the_other(big):
+    """Issue 11: a side of 2^32 or more was stored truncated (to 5 for 2^32 + 5) when the other was 0."""
+    for size in ([0, big], [big, 0], [1, big]):
+        message = rf"\['size'\] must be non-negative with h, w and h \* w below 2\^32, got h={size[0]}, w={size[1]}"
+        calls = [
+            lambda: rle.area({"size": size, "counts": b""}),
+            lambda: rle.toBbox([{"size": size, "counts": b""}]),
+            lambda: rle.decode({"size": size, "counts": b""}),
+            lambda: rle.frPyObjects({"size": size, "counts": [0]}, 1, 1),
+        ]
+        for call in calls:
+            with pytest.raises(ValueError, match=message):
+                call()
+        with pytest.raises(ValueError, match=rf"\(h, w\) must be.*got h={size[0]}, w={size[1]}"):
+            rle.frPyObjects([[0, 0, 1, 1]], *size)
+    for shape in ((1, 0, big), (1, big, 0)):
+        with pytest.raises(ValueError, match=rf"masks \(h, w\) must be.*got h={shape[1]}, w={shape[2]}"):
+            rle.encode_masks(torch.zeros(shape, dtype=torch.uint8))
+        with pytest.raises(ValueError, match=rf"bimask \(h, w\) must be.*got h={shape[1]}, w={shape[2]}"):
+            rle.encode(torch.zeros(shape[1:], dtype=torch.uint8))
+    assert rle.area({"size": [0, 2**32 - 1], "counts": b""}) == 0
+    assert rle.encode_masks(torch.zeros(1, 0, 2**32 - 1, dtype=torch.uint8)) == [{"size": [0, 2**32 - 1], "counts": b"0"}]
+
+
+def test_float_sizes_are_truncated_as_pycocotools_does():
+    """Issue 11: annotation files with float heights/widths (COCO.annToRLE calls frPyObjects(segm, h, w))."""
+    from decimal import Decimal
+    from fractions import Fraction
+
+    polygon = [[0.5, 0.5, 3.5, 0.5, 3.5, 2.5, 0.5, 2.5]]
+    string = {"size": [3, 4], "counts": b"3143"}
+    for h in (3.0, 3.9, np.float32(3.5), np.float64(3.2), Decimal("3.7"), Fraction(7, 2), True, np.int16(3)):
+        assert rle.frPyObjects(polygon, h, 4.5) == coco.frPyObjects(polygon, h, 4.5)
+        uncompressed = {"size": [h, 4.0], "counts": [2, 1, int(h) * 4 - 3]}
+        assert rle.frPyObjects(uncompressed, h, 4) == coco.frPyObjects(uncompressed, h, 4)
+        obj = {"size": [h, np.float64(4.0)], "counts": string["counts"]}
+        if int(h) == 3:
+            assert rle.area(obj) == coco.area(obj)
+            np.testing.assert_array_equal(rle.toBbox(obj), coco.toBbox(obj))
+            np.testing.assert_array_equal(rle.decode(obj), coco.decode(obj))
+    assert rle.frPyObjects({"size": np.array([3.0, 4.0]), "counts": [12]}, 3, 4) == {"size": [3, 4], "counts": b"<"}
+    # Where pycocotools raises (NaN, infinities, -1.5, 1e30) or makes garbage (-0.5 -> 0; 2^32 fits no counts):
+    for bad in (float("nan"), float("inf"), -float("inf"), -0.5, -1.5, 1e30, 2.0**32):
+        with pytest.raises(ValueError, match=r"h = .* must be a number in \[0, 2\^32\)"):
+            rle.frPyObjects(polygon, bad, 4)
+        with pytest.raises(ValueError, match=r"\['size'\]\[0\] = .* must be a number in \[0, 2\^32\)"):
+            rle.area({"size": [bad, 4], "counts": b"<"})
+    with pytest.raises(ValueError, match=r"\(h, w\) must be.*got h=65536, w=65536"):
+        rle.frPyObjects(polygon, 65536.5, 65536.0)
+    for bad in ("3", complex(3, 0), None, [3]):
+        with pytest.raises(TypeError, match="w must be an integer or a real number"):
+            rle.frPyObjects(polygon, 3, bad)
 
 
 def test_bad_masks_name_the_argument():
@@ -554,7 +630,7 @@ def test_bad_arguments_of_the_other_ops():
         rle.iou(np.zeros((2, 3)), np.zeros((2, 4)), [0, 0])
     with pytest.raises(ValueError, match="not a mix"):
         rle.iou([good, [0, 0, 1, 1]], [good], [0])
-    with pytest.raises(ValueError, match="h must be >= 0"):
+    with pytest.raises(ValueError, match=r"\(h, w\) must be non-negative.*got h=-1, w=4"):
         rle.frPyObjects([[0, 0, 1, 1]], -1, 4)
     with pytest.raises(ValueError, match="not finite"):
         rle.frPyObjects([[0, 0, 1, float("nan"), 2, 2]], 4, 4)
