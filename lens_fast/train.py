@@ -152,8 +152,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     log = MetricsLog(output_dir, resume_step=step if state is not None else None)
 
     stop_signal: list[int] = []
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda number, frame: stop_signal.append(number))
+    previous_handlers = {sig: signal.signal(sig, lambda number, frame: stop_signal.append(number))
+                         for sig in (signal.SIGINT, signal.SIGTERM)}
 
     def evaluate(after: str) -> None:
         entry = {"after": after, "step": step, **validate(model, val_set, size=config.val_size, batch_size=config.val_batch_size)}
@@ -324,6 +324,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 1
     finally:
         bar.close()
+        for sig, handler in previous_handlers.items():
+            signal.signal(sig, handler)
 
     evaluate("stage1" if config.stage2_steps == 0 else "stage2")
     checkpoint("final")
