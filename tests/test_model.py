@@ -162,6 +162,25 @@ def test_generate_greedy_sampling_top_k(model):
     assert torch.equal(tiny_p.ids, greedy.ids)
 
 
+def test_greedy_generation_agrees_with_the_teacher_forced_pass(model):
+    """Generation (KV cache, left-padded prompts, positions continued by hand) and forward_completions
+    (one pass) see the same sequence: each greedy token is the argmax of the teacher-forced logits."""
+    _, prompts, cache = prepared(model, pictures(13, ((50, 200), (90, 40))), EXPRESSIONS)
+    greedy = model.generate(prompts, cache, max_new_tokens=12, temperature=0.0)
+    with torch.no_grad():
+        hidden, _ = model.forward_completions(prompts, cache, greedy)
+        predicted = model.policy.lm_head(hidden).argmax(-1)
+    assert torch.equal(predicted[greedy.mask], greedy.ids[greedy.mask])
+
+
+def test_generate_rejects_bad_sampling_arguments(model):
+    _, prompts, cache = prepared(model, pictures(14, ((30, 30),)), EXPRESSIONS[:1])
+    for kwargs, name in (({"num_generations": 0}, "num_generations"), ({"max_new_tokens": 0}, "max_new_tokens"),
+                         ({"temperature": -1.0}, "temperature"), ({"top_p": 0.0}, "top_p"), ({"top_k": -2}, "top_k")):
+        with pytest.raises(ValueError, match=name):
+            model.generate(prompts, cache, **kwargs)
+
+
 def test_generate_end_of_turn_truncation_and_mask(model, monkeypatch):
     """Row r of 3 writes its end-of-turn token at step r + 1; row 2 never ends within 4 tokens."""
     _, prompts, cache = prepared(model, pictures(5, ((60, 60),)), EXPRESSIONS[:1])

@@ -33,15 +33,15 @@ from lens_fast.rewards.parsing import ParsedAnswer
 
 class AnswerSegmenter:
     """``(image, answer) -> bool mask [H, W]``: SAM prompted with the answer's first box and its points
-    (foreground clicks); an answer without a box gives an empty mask. SAM is used frozen, under
-    ``torch.inference_mode``."""
+    (foreground clicks); an answer without a box gives an empty mask. SAM runs under
+    ``torch.inference_mode`` (frozen: no gradient, and the module itself is not modified)."""
 
     def __init__(self, segmenter: Segmenter, *, policy_frame: Optional[QwenPatchConfig] = None, cache_size: int = 16) -> None:
         if not isinstance(segmenter, Segmenter):
             raise TypeError(f"segmenter must be a lens_fast.model.segmenter.Segmenter, got {type(segmenter).__name__}")
         if not isinstance(cache_size, int) or cache_size < 1:
             raise ValueError(f"cache_size must be a positive int, got {cache_size!r}")
-        self.segmenter = segmenter.eval().requires_grad_(False)
+        self.segmenter = segmenter  # used under inference_mode; its flags (train/eval, requires_grad) are left as they are
         self.policy_frame = policy_frame
         self.cache_size = cache_size
         self._cache: OrderedDict = OrderedDict()

@@ -106,8 +106,9 @@ class LensModel(nn.Module):
         return from_pretrained(directory, **kwargs)
 
     @classmethod
-    def from_components(cls, qwen_dir, sam_checkpoint, sam_type: str = "vit_l", **kwargs) -> "LensModel":
-        """Released Qwen2.5-VL + SAM weights (see :func:`lens_fast.model.build.from_components`)."""
+    def from_components(cls, qwen_dir, sam_checkpoint, sam_type="vit_l", **kwargs) -> "LensModel":
+        """Released Qwen2.5-VL + SAM weights; ``sam_type`` "vit_b"/"vit_l"/"vit_h", a SamConfig or a dict
+        (see :func:`lens_fast.model.build.from_components`)."""
         from lens_fast.model.build import from_components
 
         return from_components(qwen_dir, sam_checkpoint, sam_type, **kwargs)
