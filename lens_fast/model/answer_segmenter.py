@@ -10,7 +10,7 @@ completion of a group gets its own mask and the mask reward can tell them apart:
 
 SAM's image embedding is computed once per image and kept in a small LRU cache keyed by the image's
 path or pixel content, so the G completions of one prompt (TRL hands over G copies of its row) share
-one encoder pass. Coordinates: with ``policy_frame`` (a :class:`QwenPatchConfig`) the answer's box and
+one encoder pass (SAM's image encoder is taken to be frozen, as in LENS and Seg-Zero). Coordinates: with ``policy_frame`` (a :class:`QwenPatchConfig`) the answer's box and
 points are in the frame Qwen's smart resize made of the image (as our policy and TRL's Qwen2.5-VL
 answer); with ``policy_frame=None`` they are pixels of the image itself.
 """
