@@ -22,7 +22,12 @@ NEEDS_CHECKPOINT = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m lens_fast.segment", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m lens_fast.segment",
+        description="Segment one image with a trained LENS checkpoint: print the answer and its box, write an "
+        "overlay PNG (--out) and the mask as COCO RLE (--json).",
+        epilog="DIR is a checkpoint written by LensModel.save_pretrained; `python -m lens_fast.train` writes them.",
+    )
     parser.add_argument("image", type=Path, help="image file (any format PIL reads; grey/RGBA/palette become RGB)")
     parser.add_argument("expression", help='the referring expression, e.g. "the red circle"')
     parser.add_argument("--checkpoint", type=Path, metavar="DIR", help="trained LENS checkpoint (LensModel.save_pretrained)")

@@ -402,6 +402,8 @@ def test_bad_expressions_and_images(model):
         model.segment([image], [3])
     with pytest.raises(TypeError, match="expressions must be a list"):
         model.segment([image], "the red circle")
+    with pytest.raises(ValueError, match=r"expressions\[0\] contains the special token"):
+        model.segment([image], ["the <|image_pad|> circle"])
     with pytest.raises(ValueError, match="got 2 images but 1 expressions"):
         model.segment([image, image], ["the red circle"])
     with pytest.raises(ValueError, match=r"images\[0\] has zero size"):
