@@ -2,6 +2,7 @@
 
     python -m lens_fast.eval --data synthetic --split val --baseline largest
     python -m lens_fast.eval --data synthetic --split val --predictions preds.json
+    python -m lens_fast.eval --data synthetic --split val --checkpoint DIR --batch-size 16 --vis 8
     python -m lens_fast.eval --data refcoco --data-root ROOT --dataset refcoco --split val --predictions preds.json
 
 A predictions file is a JSON list with one entry per sentence::
@@ -133,6 +134,37 @@ def encode_prediction(sent_id: int, mask: np.ndarray, text: Optional[str] = None
     return entry
 
 
+def model_predictor(model, dataset, indices: Sequence[int], batch_size: int = 8) -> Callable[[RefSample], Optional[dict]]:
+    """A LensModel (lens_fast.model) as a predictor, run ``batch_size`` samples at a time (greedy):
+    asked for one sample, it segments that sample and the next ones of ``indices`` together and keeps
+    their entries (mask as RLE, the policy's box in original pixels, its text) for when they are asked for."""
+    order = {dataset.sent_ids[i]: k for k, i in enumerate(indices)}
+    made: Dict[int, dict] = {}
+
+    def predict(sample: RefSample) -> Optional[dict]:
+        if sample.sent_id not in made:
+            start = order[sample.sent_id]
+            batch = [sample]
+            for index in indices[start + 1 : start + batch_size]:
+                try:
+                    other = dataset[index]
+                except ImageLoadError:
+                    continue  # evaluate() reports it when it gets there
+                if other.sent_id not in made:
+                    batch.append(other)
+            results = model.segment([s.image for s in batch], [s.expression for s in batch], batch_size=batch_size)
+            for s, result in zip(batch, results):
+                entry = encode_prediction(s.sent_id, result.mask, result.text)
+                if result.box is None:
+                    del entry["bbox"]  # no box in the answer: scored as a missing box
+                else:
+                    entry["bbox"] = [float(v) for v in result.box]
+                made[s.sent_id] = entry
+        return made.pop(sample.sent_id)
+
+    return predict
+
+
 def largest_object_predictor(sample: RefSample) -> dict:
     """The "largest object" baseline as a predictor: it looks at the image only, never at the GT."""
     return encode_prediction(sample.sent_id, predict_largest_object(sample.image))
@@ -243,6 +275,10 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument(
         "--baseline", choices=("largest",), help="'largest': predict the largest object from the image (synthetic)"
     )
+    source.add_argument("--checkpoint", type=Path, metavar="DIR", help="run a LENS checkpoint (LensModel.save_pretrained)")
+    model = parser.add_argument_group("model (--checkpoint)")
+    model.add_argument("--batch-size", type=int, default=8, metavar="N", help="samples per model call (default 8)")
+    model.add_argument("--device", help="cpu or cuda[:i] (default: cuda when available)")
     parser.add_argument("--write-predictions", type=Path, metavar="PATH", help="write the predictions made to PATH")
     parser.add_argument(
         "--output-dir", type=Path, metavar="DIR",
@@ -278,6 +314,8 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         )
     if args.write_predictions is not None and args.predictions is not None:
         parser.error("--write-predictions writes the predictions a run makes; with --predictions there are none")
+    if args.batch_size < 1:
+        parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
     for name in ("limit", "vis", "size"):
         value = getattr(args, name)
         if value is not None and value < 0:
@@ -301,14 +339,20 @@ def _describe_run(args: argparse.Namespace, dataset) -> Dict[str, object]:
     else:
         run.update(seed=args.seed, size=len(dataset))
     run.update(
-        predictions=str(args.predictions) if args.predictions else None, baseline=args.baseline, limit=args.limit
+        predictions=str(args.predictions) if args.predictions else None, baseline=args.baseline, limit=args.limit,
+        checkpoint=str(args.checkpoint) if args.checkpoint else None,
     )
     return run
 
 
 def _table(metrics: Mapping[str, object], run: Mapping[str, object], id_counts: Mapping[str, int]) -> str:
     name = f"{run['data']}" + (f" {run['dataset']} ({run['split_by']})" if run["data"] == "refcoco" else "")
-    source = f"predictions {run['predictions']}" if run["predictions"] else f"baseline '{run['baseline']}'"
+    if run.get("checkpoint"):
+        source = f"checkpoint {run['checkpoint']}"
+    elif run["predictions"]:
+        source = f"predictions {run['predictions']}"
+    else:
+        source = f"baseline '{run['baseline']}'"
     rows = [
         ("cIoU", f"{100 * metrics['cIoU']:.2f} %"),
         ("gIoU", f"{100 * metrics['gIoU']:.2f} %"),
@@ -378,6 +422,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 f"{len(missing)} sentence(s) have no prediction and count as failed (IoU 0), e.g. {missing[:10]}"
             ]
         predict: Callable[[RefSample], Optional[dict]] = lambda sample: predictions.get(sample.sent_id)  # noqa: E731
+    elif args.checkpoint is not None:
+        from lens_fast.model import LensModel  # the model stack (transformers) only when a model runs
+
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        try:
+            model = LensModel.from_pretrained(args.checkpoint, device=device).eval()
+        except (FileNotFoundError, ValueError) as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        predict = model_predictor(model, dataset, list(range(count)), args.batch_size)
     else:
         predict = largest_object_predictor
 

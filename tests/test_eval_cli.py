@@ -213,7 +213,7 @@ def test_argument_errors(tmp_path, capsys):
         (["--data", "refcoco", "--predictions", "p.json"], "--data refcoco needs --data-root"),
         (["--data", "synthetic", "--predictions", "p.json", "--write-predictions", "q.json"], "--write-predictions"),
         (["--data", "synthetic", "--baseline", "largest", "--limit", "-1"], "--limit must be >= 0"),
-        (["--data", "synthetic"], "one of the arguments --predictions --baseline is required"),
+        (["--data", "synthetic"], "one of the arguments --predictions --baseline --checkpoint is required"),
     ):
         with pytest.raises(SystemExit) as info:
             main([str(a) for a in argv])

@@ -4,6 +4,7 @@
 checkpoints; ``LensModel.from_components(qwen_dir, sam_checkpoint, sam_type)`` loads released weights.
 ``model.segment(images, expressions)`` runs inference.
 """
+from lens_fast.model.answer_segmenter import AnswerSegmenter
 from lens_fast.model.build import (
     SAM_TYPES,
     architecture,
@@ -20,6 +21,7 @@ from lens_fast.model.policy import Completions, PromptBatch
 from lens_fast.model.tokenizer import build_tiny_tokenizer
 
 __all__ = [
+    "AnswerSegmenter",
     "MODES",
     "SAM_TYPES",
     "Completions",

@@ -45,10 +45,24 @@ def architecture(name: str) -> dict:
     return values
 
 
-def sam_architecture(sam_type: str) -> dict:
-    if sam_type not in SAM_TYPES:
-        raise ValueError(f"sam_type must be one of {SAM_TYPES}, got {sam_type!r}")
+def sam_architecture(sam_type: Union[str, SamConfig, dict]) -> dict:
+    """SAM sizes as a dict: a released type (``vit_b``, ``vit_l``, ``vit_h``), a :class:`SamConfig`,
+    or a dict of SamConfig fields (e.g. a tiny SAM)."""
+    if isinstance(sam_type, SamConfig):
+        return dataclasses.asdict(sam_type)
+    if isinstance(sam_type, dict):
+        return dataclasses.asdict(SamConfig(**_check_sam_keys(sam_type)))
+    if not isinstance(sam_type, str) or sam_type not in SAM_TYPES:
+        raise ValueError(f"sam_type must be one of {SAM_TYPES}, a SamConfig or a dict of its fields, got {sam_type!r}")
     return architecture(f"sam_{sam_type}")
+
+
+def _check_sam_keys(values: dict) -> dict:
+    known = {f.name for f in dataclasses.fields(SamConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown sam config keys {unknown}; known: {sorted(known)}")
+    return values
 
 
 def attention_implementation(device: Union[str, torch.device]) -> str:
@@ -201,11 +215,12 @@ def from_pretrained(directory: Union[str, Path], *, device: Union[str, torch.dev
 
 # ---- released weights ------------------------------------------------------------------------------
 def from_components(
-    qwen_dir: Union[str, Path], sam_checkpoint: Union[str, Path], sam_type: str = "vit_l", *,
+    qwen_dir: Union[str, Path], sam_checkpoint: Union[str, Path], sam_type: Union[str, SamConfig, dict] = "vit_l", *,
     device: Union[str, torch.device] = "cpu", dtype: Optional[torch.dtype] = None, **overrides: Any,
 ) -> LensModel:
     """A LENS model from a Qwen2.5-VL(-3B-Instruct) Hugging Face directory and a segment_anything SAM
     checkpoint (``sam_vit_b_01ec64.pth``-style state dict); context queries and connector start random.
+    ``sam_type``: ``vit_b``/``vit_l``/``vit_h``, or the SAM's sizes as a :class:`SamConfig` or dict.
     ``overrides``: LensConfig fields (``mode``, ``num_queries``, ...). Local files only."""
     sam_values = sam_architecture(sam_type)
     qwen_dir, sam_checkpoint = Path(qwen_dir), Path(sam_checkpoint)
@@ -230,6 +245,7 @@ def from_components(
     try:
         sam.load_state_dict(state, strict=True)
     except RuntimeError as error:
-        raise ValueError(f"{sam_checkpoint} is not a SAM {sam_type} checkpoint: {error}") from None
+        name = sam_type if isinstance(sam_type, str) else "checkpoint of the given config"
+        raise ValueError(f"{sam_checkpoint} is not a SAM {name}: {error}") from None
     model = LensModel(config, Policy(qwen, tokenizer), Segmenter(sam))
     return model.to(device=device, dtype=dtype)

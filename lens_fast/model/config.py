@@ -78,13 +78,17 @@ class LensConfig:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if self.min_pixels > self.max_pixels:
             raise ValueError(f"min_pixels {self.min_pixels} > max_pixels {self.max_pixels}")
-        self.sam_config  # validates
+        # canonical form (validated; tuples, not JSON lists), so that a config equals itself reloaded
+        sam = self.sam if isinstance(self.sam, SamConfig) else self.sam_config
+        object.__setattr__(self, "sam", dataclasses.asdict(sam))
         hidden = self.text_hidden_size
         if hidden % self.connector_heads:
             raise ValueError(f"connector_heads {self.connector_heads} must divide the text hidden size {hidden}")
 
     @property
     def sam_config(self) -> SamConfig:
+        if isinstance(self.sam, SamConfig):
+            return self.sam
         known = {f.name for f in dataclasses.fields(SamConfig)}
         unknown = sorted(set(self.sam) - known)
         if unknown:

@@ -37,7 +37,7 @@ def load_image(image: ImageLike, name: str = "image") -> np.ndarray:
         except (OSError, ValueError) as error:
             raise ValueError(f"{name}: cannot read an image from {str(image)!r}: {error}") from None
     if isinstance(image, Image.Image):
-        image = np.asarray(image.convert("RGB"))
+        image = np.array(image.convert("RGB"))  # a writable copy (torch.from_numpy warns on read-only arrays)
     if isinstance(image, torch.Tensor):
         image = image.detach().cpu().numpy()
     if not isinstance(image, np.ndarray):

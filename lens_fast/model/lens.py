@@ -22,6 +22,7 @@ from lens_fast.model.connector import Connector, ContextQueries
 from lens_fast.model.image_processing import ImageLike, QwenPatchConfig, load_image, qwen_patches
 from lens_fast.model.policy import Completions, Policy, PromptBatch
 from lens_fast.model.segmenter import NO_MASK_LOGIT, Segmenter
+from lens_fast.model.tokenizer import SPECIAL_TOKENS
 from lens_fast.rewards import parse_answer
 
 log = logging.getLogger("lens_fast.model")
@@ -73,6 +74,9 @@ def check_expressions(expressions: object, count: int) -> list[str]:
             raise TypeError(f"expressions[{i}] must be a string, got {type(expression).__name__}")
         if not expression.strip():
             raise ValueError(f"expressions[{i}] is empty")
+        special = [t for t in SPECIAL_TOKENS if t in expression]
+        if special:
+            raise ValueError(f"expressions[{i}] contains the special token(s) {special}: they are not text")
     return list(expressions)
 
 
@@ -106,8 +110,9 @@ class LensModel(nn.Module):
         return from_pretrained(directory, **kwargs)
 
     @classmethod
-    def from_components(cls, qwen_dir, sam_checkpoint, sam_type: str = "vit_l", **kwargs) -> "LensModel":
-        """Released Qwen2.5-VL + SAM weights (see :func:`lens_fast.model.build.from_components`)."""
+    def from_components(cls, qwen_dir, sam_checkpoint, sam_type="vit_l", **kwargs) -> "LensModel":
+        """Released Qwen2.5-VL + SAM weights; ``sam_type`` "vit_b"/"vit_l"/"vit_h", a SamConfig or a dict
+        (see :func:`lens_fast.model.build.from_components`)."""
         from lens_fast.model.build import from_components
 
         return from_components(qwen_dir, sam_checkpoint, sam_type, **kwargs)

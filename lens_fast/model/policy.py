@@ -114,6 +114,19 @@ def sample_next(
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def check_sampling(num_generations: int, max_new_tokens: int, temperature: float, top_p: float, top_k: int) -> None:
+    """ValueError naming the first bad sampling argument."""
+    for name, value in (("num_generations", num_generations), ("max_new_tokens", max_new_tokens)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 0:
+        raise ValueError(f"top_k must be an int >= 0 (0: no limit), got {top_k!r}")
+    if not temperature >= 0:
+        raise ValueError(f"temperature must be >= 0 (0: greedy), got {temperature!r}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+
+
 class Policy(nn.Module):
     """A ``Qwen2_5_VLForConditionalGeneration`` and its tokenizer."""
 
@@ -207,6 +220,7 @@ class Policy(nn.Module):
     ) -> Completions:
         """``num_generations`` completions per prompt with a KV cache: the prompts are prefilled once and
         their cache repeated for the group. ``temperature`` 0 is greedy."""
+        check_sampling(num_generations, max_new_tokens, temperature, top_p, top_k)
         group = num_generations
         cache = DynamicCache(config=self.model.config.text_config)
         hidden = self.run(self.embed_prompts(prompts, image_embeds), prompts.positions, prompts.attention_mask, cache)

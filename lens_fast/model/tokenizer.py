@@ -6,6 +6,7 @@ deterministic, so :func:`build_tiny_tokenizer` gives the same vocabulary on ever
 """
 from __future__ import annotations
 
+import functools
 import itertools
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -65,7 +66,20 @@ def _corpus() -> list[str]:
 
 
 def build_tiny_tokenizer(vocab_size: int = TINY_VOCAB_SIZE) -> PreTrainedTokenizerFast:
-    """A small Qwen-style tokenizer built offline, with Qwen's special tokens and chat template."""
+    """A small Qwen-style tokenizer built offline, with Qwen's special tokens and chat template.
+    The BPE is trained once per process and vocabulary size; each call returns a fresh tokenizer."""
+    return PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(_trained_bpe(vocab_size)),
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        chat_template=CHAT_TEMPLATE,
+        model_max_length=32768,
+    )
+
+
+@functools.lru_cache(maxsize=4)
+def _trained_bpe(vocab_size: int) -> str:
+    """The trained ``tokenizers`` BPE as JSON (training is deterministic: cached per process)."""
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
@@ -78,13 +92,7 @@ def build_tiny_tokenizer(vocab_size: int = TINY_VOCAB_SIZE) -> PreTrainedTokeniz
         show_progress=False,
     )
     tokenizer.train_from_iterator(_corpus(), trainer=trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer,
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        chat_template=CHAT_TEMPLATE,
-        model_max_length=32768,
-    )
+    return tokenizer.to_str()
 
 
 def special_token_ids(tokenizer) -> dict[str, int]:

@@ -26,7 +26,7 @@ from lens_fast.rewards.batch import RewardOutput, mask_foreground
 from lens_fast.rewards.batch import plain as plain_value
 from lens_fast.ops.mask_stats import check_threshold
 from lens_fast.rewards.lens import lens_reward
-from lens_fast.rewards.parsing import NUMBER, AnswerObject, as_point, objects_from_json, parse_answer
+from lens_fast.rewards.parsing import NUMBER, AnswerObject, ParsedAnswer, as_point, objects_from_json, parse_answer
 from lens_fast.rewards.seg_zero import seg_zero_reward
 from lens_fast.rewards.vision_reasoner import vision_reasoner_reward
 
@@ -181,6 +181,21 @@ def _column(rows: Sequence[Any], present: Callable[[Any], bool]) -> Optional[lis
     return list(rows) if any(present(r) for r in rows) else None
 
 
+Segmenter = Callable[[Any, ParsedAnswer], Any]
+"""``segmenter(image, parsed_answer) -> [H, W] mask`` (bool, or logits > 0), e.g.
+:class:`lens_fast.model.answer_segmenter.AnswerSegmenter`: each completion gets its own mask."""
+
+
+def segment_rows(segmenter: Segmenter, images: Sequence[Any], texts: Sequence[str], where: str) -> list:
+    """One mask per row from ``segmenter`` (the predicted masks of a mask reward)."""
+    if not callable(segmenter):
+        raise TypeError(f"segmenter must be callable (image, parsed answer) -> mask, got {type(segmenter).__name__}")
+    missing = [i for i, image in enumerate(images) if image is None]
+    if missing:
+        raise ValueError(f"a segmenter needs an image for every row: rows {missing[:10]} have none ({where})")
+    return [segmenter(image, parse_answer(text)) for image, text in zip(images, texts)]
+
+
 class TRLReward:
     """A reward function for TRL's ``GRPOTrainer(reward_funcs=[...])``.
 
@@ -190,6 +205,10 @@ class TRLReward:
     ground truth is read from column ``solution_key``; a row whose ground truth is None gets None
     (TRL then leaves this function out for that row). Components are logged through ``log_metric``
     (batch means) and ``log_extra`` (per completion) when TRL provides them.
+
+    ``segmenter``: ``(image, parsed answer) -> mask``, called on every completion with its row's image
+    (column ``image_key``); its masks are the predicted masks of the mask term (instead of a
+    ``pred_mask`` column, which gives every completion of a group the same mask).
     """
 
     def __init__(
@@ -201,13 +220,18 @@ class TRLReward:
         gt_mask_key: str = "gt_mask",
         policy_size_key: str = "policy_size",
         gt_size_key: str = "gt_size",
+        segmenter: Optional[Segmenter] = None,
+        image_key: str = "image",
         **options: Any,
     ) -> None:
         if recipe not in RECIPES:
             raise ValueError(f"recipe must be one of {RECIPES}, got {recipe!r}")
+        if segmenter is not None and not callable(segmenter):
+            raise TypeError(f"segmenter must be callable (image, parsed answer) -> mask, got {type(segmenter).__name__}")
         self.recipe = recipe
+        self.segmenter = segmenter
         self.keys = dict(solution=solution_key, pred_mask=pred_mask_key, gt_mask=gt_mask_key,
-                         policy_size=policy_size_key, gt_size=gt_size_key)
+                         policy_size=policy_size_key, gt_size=gt_size_key, image=image_key)
         self.options = options
         self.__name__ = f"{recipe}_reward"  # TRL names the reward (and its logs) after __name__
 
@@ -228,11 +252,18 @@ class TRLReward:
             values = kwargs.get(self.keys[name])
             return None if values is None else _column([values[i] for i in rows], lambda v: v is not None)
 
+        texts = [completion_text(completions[i]) for i in rows]
+        pred_masks = field("pred_mask")
+        if self.segmenter is not None:
+            images = kwargs.get(self.keys["image"])
+            if images is None:
+                raise ValueError(f"{self.__name__}: a segmenter needs the images: no column {self.keys['image']!r}")
+            pred_masks = segment_rows(self.segmenter, [images[i] for i in rows], texts, f"column {self.keys['image']!r}")
         out = score_rows(
             self.recipe,
-            [completion_text(completions[i]) for i in rows],
+            texts,
             [solutions[i] for i in rows],
-            pred_masks=field("pred_mask"),
+            pred_masks=pred_masks,
             gt_masks=field("gt_mask"),
             policy_sizes=field("policy_size"),
             gt_sizes=field("gt_size"),
@@ -265,6 +296,8 @@ def compute_score_batch(
     extra_infos: Optional[Sequence[Optional[dict]]] = None,
     *,
     recipe: str = "lens",
+    segmenter: Optional[Segmenter] = None,
+    image_key: str = "image",
     **options: Any,
 ) -> list[dict[str, float]]:
     """verl's legacy batch reward hook (``BatchRewardManager``: verl <= 0.6 with
@@ -272,7 +305,8 @@ def compute_score_batch(
     reward_manager.name=batch``; verl >= 0.9 has no batch manager): one dict per row with
     ``"score"`` and the components; the whole batch in one fused call. ``extra_infos[i]`` may hold
     ``pred_mask``, ``gt_mask``, ``policy_size``, ``gt_size``; ``options`` are the recipe's arguments
-    (``custom_reward_function.reward_kwargs``)."""
+    (``custom_reward_function.reward_kwargs``). ``segmenter``: as :class:`TRLReward`'s, on
+    ``extra_infos[i][image_key]``; its masks replace ``pred_mask``."""
     for key in _VERL_INTERNAL_KWARGS:
         options.pop(key, None)
     infos = [info or {} for info in (extra_infos if extra_infos is not None else [None] * len(solution_strs))]
@@ -280,11 +314,15 @@ def compute_score_batch(
     def field(name: str) -> Optional[list]:
         return _column([info.get(name) for info in infos], lambda v: v is not None)
 
+    pred_masks = field("pred_mask")
+    if segmenter is not None:
+        images = [info.get(image_key) for info in infos]
+        pred_masks = segment_rows(segmenter, images, list(solution_strs), f"extra_info[{image_key!r}]")
     out = score_rows(
         recipe,
         list(solution_strs),
         list(ground_truths),
-        pred_masks=field("pred_mask"),
+        pred_masks=pred_masks,
         gt_masks=field("gt_mask"),
         policy_sizes=field("policy_size"),
         gt_sizes=field("gt_size"),
