@@ -137,6 +137,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     (output_dir / "config.json").write_text(json.dumps(config_dict, indent=2) + "\n")
 
     # ---- data, model -------------------------------------------------------------------------------------
+    torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
     train_set, val_set, val_full = build_datasets(config)
     model = build_model(config, device) if state is None else from_pretrained(resume_from, device=device)
@@ -260,7 +261,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 else:
                     if iteration == 0:
                         tock = time.time()
-                        mask_iou = mask_iou_from_low_res(low_res, gt_masks, side)
+                        mask_iou = mask_iou_from_low_res(model.segmenter, low_res, gt_masks)
                         rewards = rollout_rewards(config.reward, texts, mask_iou, gt_masks, gt_boxes, images.policy_sizes,
                                                   images.original_sizes, cot=config.prompt_style == "cot")
                         adv = grpo.advantages(rewards.components, group, scale=config.scale_rewards,

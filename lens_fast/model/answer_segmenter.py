@@ -24,7 +24,6 @@ from typing import Optional, Union
 import numpy as np
 import torch
 
-from lens_fast import ops
 from lens_fast.model.image_processing import ImageLike, QwenPatchConfig, load_image, smart_resize
 from lens_fast.model.segmenter import Segmenter
 from lens_fast.rewards import parse_answer
@@ -101,6 +100,5 @@ class AnswerSegmenter:
             pts = torch.tensor(answer.objects[0].points, dtype=torch.float64) * torch.tensor([sx, sy], dtype=torch.float64)
             points = self.segmenter.to_input_frame(pts.float().to(embedding.device)[None], size)
         low_res, _ = self.segmenter.decode(embedding, boxes=box, points=points)
-        side = self.segmenter.image_size
-        mask = ops.postprocess_masks(low_res[0].float(), (side, side), (height, width), threshold=0.0)
+        mask = self.segmenter.masks(low_res[0], (height, width))
         return mask.cpu().numpy()

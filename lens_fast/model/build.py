@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
-from transformers import AutoTokenizer, PreTrainedTokenizerFast, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+from transformers import AutoTokenizer, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
 from lens_fast.model.config import LensConfig, SamConfig
 from lens_fast.model.lens import LensModel

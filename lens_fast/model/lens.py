@@ -15,7 +15,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from lens_fast import ops
 from lens_fast.model import prompts as prompt_text
 from lens_fast.model.config import LensConfig
 from lens_fast.model.connector import Connector, ContextQueries
@@ -289,9 +288,8 @@ class LensModel(nn.Module):
 
     def _segment_batch(self, images: ImageBatch, expressions: Sequence[str], max_new_tokens: Optional[int]) -> list[Segmentation]:
         texts, low_res, score, boxes = self.predict(images, expressions, max_new_tokens)
-        side = self.segmenter.image_size
         out = []
         for i, (height, width) in enumerate(images.original_sizes.tolist()):
-            mask = ops.postprocess_masks(low_res[i].float(), (side, side), (height, width), threshold=0.0)
+            mask = self.segmenter.masks(low_res[i], (height, width))
             out.append(Segmentation(mask.cpu().numpy(), boxes[i], texts[i], float(score[i])))
         return out

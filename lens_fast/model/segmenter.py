@@ -3,7 +3,7 @@
 Frames: SAM sees each image squashed to ``image_size`` x ``image_size``; boxes and points given here
 are xyxy / xy pixels of the original image and are mapped into that square. Masks come back as SAM's
 low-res logits [N, 4e, 4e] (e = the embedding grid side; 256 x 256 for the real models), to be
-resized to each image's own size by ``ops.postprocess_masks`` with ``input_size = (S, S)``.
+resized to each image's own size by :meth:`Segmenter.masks` / :meth:`Segmenter.mask_stats`.
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import torch
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 from torch import nn
 
+from lens_fast import ops
 from lens_fast.model.config import SamConfig
 from lens_fast.model.image_processing import SAM_PIXEL_MEAN, SAM_PIXEL_STD, sam_input
 from lens_fast.nn import fuse_mask_decoder
@@ -82,6 +83,18 @@ class Segmenter(nn.Module):
     @property
     def low_res_size(self) -> int:
         return 4 * self.prompt_encoder.image_embedding_size[0]
+
+    def masks(self, low_res: torch.Tensor, original_size: Sequence[int], threshold: Optional[float] = 0.0) -> torch.Tensor:
+        """Low-res logits [..., 4e, 4e] -> masks [..., H, W] at ``original_size`` (bool with ``threshold``,
+        else float logits): SAM's ``postprocess_masks`` for an input squashed to the full square."""
+        side = self.image_size
+        return ops.postprocess_masks(low_res.float(), (side, side), tuple(original_size), threshold=threshold, image_size=side)
+
+    def mask_stats(self, low_res: torch.Tensor, gt: torch.Tensor) -> ops.MaskStats:
+        """:class:`~lens_fast.ops.MaskStats` of low-res logits [..., G, 4e, 4e] (foreground: logit > 0 at the
+        ground truth's size) against ``gt`` [..., H, W], never writing the full-resolution masks."""
+        side = self.image_size
+        return ops.postprocess_mask_stats(low_res.float(), gt, (side, side), tuple(gt.shape[-2:]), image_size=side)
 
     def embed_images(self, images: Sequence[np.ndarray]) -> torch.Tensor:
         """RGB uint8 [H_i, W_i, 3] images -> image embeddings [B, C, e, e] (one encoder pass each)."""

@@ -6,7 +6,7 @@ import argparse
 import dataclasses
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -33,6 +33,7 @@ class TrainConfig:
     resume: bool = False  # continue from <output_dir>/checkpoints/latest
     seed: int = 0
     device: str = "auto"  # auto: cuda when available, else cpu
+    threads: int = 1  # torch CPU threads (the tiny model's small ops run fastest on one)
     log_every: int = 10
     checkpoint_every: int = 200  # steps; also at each stage's end and on SIGINT/SIGTERM
     max_bad_steps: int = 5  # consecutive non-finite losses that stop the run
@@ -112,7 +113,7 @@ class TrainConfig:
                 raise ValueError(f"{name} must be distinct names from {allowed}, got {values!r}")
         if not self.synthetic_kinds:
             raise ValueError("synthetic_kinds must name at least one kind")
-        positive = ("log_every", "checkpoint_every", "max_bad_steps", "num_queries", "max_new_tokens", "val_batch_size",
+        positive = ("threads", "log_every", "checkpoint_every", "max_bad_steps", "num_queries", "max_new_tokens", "val_batch_size",
                     "stage1_batch_size", "batch_size", "num_generations", "num_iterations")
         for name in positive:
             if getattr(self, name) < 1:

@@ -8,22 +8,20 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from lens_fast import ops
 from lens_fast.metrics import sample_iou
+from lens_fast.model.segmenter import Segmenter
 from lens_fast.rewards import RewardOutput, lens_reward, seg_zero_reward, vision_reasoner_reward
 
 REWARDS = ("lens", "seg_zero", "vision_reasoner")
 
 
-def mask_iou_from_low_res(low_res: torch.Tensor, gt_masks: Sequence[torch.Tensor], image_size: int) -> torch.Tensor:
-    """IoU [N] of each mask (logit > 0 at its ground truth's size) with its prompt's ground truth."""
+def mask_iou_from_low_res(segmenter: Segmenter, low_res: torch.Tensor, gt_masks: Sequence[torch.Tensor]) -> torch.Tensor:
+    """IoU [N] of each of N = B * G masks (``low_res`` [N, 4e, 4e] logits; foreground: logit > 0 at the
+    ground truth's size) with its prompt's ground truth (B bool masks [H_b, W_b])."""
     group = low_res.shape[0] // len(gt_masks)
     ious = []
-    side = (image_size, image_size)
     for b, gt in enumerate(gt_masks):
-        stats = ops.postprocess_mask_stats(
-            low_res[b * group : (b + 1) * group].detach().float(), gt.to(low_res.device), side, tuple(gt.shape)
-        )
+        stats = segmenter.mask_stats(low_res[b * group : (b + 1) * group].detach(), gt.to(low_res.device))
         ious.append(sample_iou(stats.intersection, stats.union).float())
     return torch.cat(ious)
 

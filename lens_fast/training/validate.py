@@ -27,7 +27,6 @@ def validate(model: LensModel, dataset, *, size: int, batch_size: int, collapse_
     was_training = model.training
     model.eval()
     metrics = ReferringMetrics()
-    side = model.segmenter.image_size
     indices = list(range(min(size, len(dataset))))
     own_masks: dict[int, torch.Tensor] = {}
     for chunk in _batches(indices, batch_size):
@@ -36,10 +35,10 @@ def validate(model: LensModel, dataset, *, size: int, batch_size: int, collapse_
         texts, low_res, _, boxes = model.predict(images, [s.expression for s in samples])
         for j, sample in enumerate(samples):
             gt = torch.from_numpy(sample.mask)
-            stats = ops.postprocess_mask_stats(low_res[j : j + 1].float().cpu(), gt, (side, side), gt.shape)
+            stats = model.segmenter.mask_stats(low_res[j : j + 1].cpu(), gt)
             metrics.update(stats)
             if chunk[j] < collapse_samples:
-                own_masks[chunk[j]] = ops.postprocess_masks(low_res[j].float().cpu(), (side, side), gt.shape, threshold=0.0)
+                own_masks[chunk[j]] = model.segmenter.masks(low_res[j].cpu(), gt.shape)
         present = torch.tensor([b is not None for b in boxes])
         pred = torch.tensor([b if b is not None else (0.0, 0.0, 0.0, 0.0) for b in boxes], dtype=torch.float32)
         metrics.update_boxes(pred, torch.from_numpy(np.stack([s.box for s in samples])), present=present)
@@ -63,12 +62,11 @@ def _expression_dependence(model: LensModel, dataset, own_masks: dict, batch_siz
             pairs.append((index, scene.image, others[0]))
     if not pairs:
         return None
-    side = model.segmenter.image_size
     ious = []
     for chunk in _batches(pairs, batch_size):
         images = model.prepare_images([image for _, image, _ in chunk])
         _, low_res, _, _ = model.predict(images, [expression for _, _, expression in chunk])
         for j, (index, image, _) in enumerate(chunk):
-            other = ops.postprocess_masks(low_res[j].float().cpu(), (side, side), image.shape[:2], threshold=0.0)
+            other = model.segmenter.masks(low_res[j].cpu(), image.shape[:2])
             ious.append(float(ops.mask_iou(other[None], own_masks[index])[0]))
     return 1.0 - float(np.mean(ious))
