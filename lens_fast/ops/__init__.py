@@ -6,6 +6,7 @@ from lens_fast.ops.box_iou import box_iou, box_iou_aligned
 from lens_fast.ops.mask_stats import MaskStats, mask_iou, mask_stats
 from lens_fast.ops.postprocess_masks import postprocess_mask_stats, postprocess_masks
 from lens_fast.ops.reward_iou import reward_iou
+from lens_fast.ops.token_logprobs import token_logprobs
 
 __all__ = [
     "MaskStats",
@@ -16,4 +17,5 @@ __all__ = [
     "postprocess_mask_stats",
     "postprocess_masks",
     "reward_iou",
+    "token_logprobs",
 ]
