@@ -1,18 +1,21 @@
-"""Fused, validated mask and box ops; each has Triton (CUDA), C++ (CPU) and PyTorch backends.
+"""Fused, validated mask, box and loss ops; each has Triton (CUDA), C++ or chunked (CPU) and PyTorch backends.
 
 See ``lens_fast._backend`` for the ``backend`` argument.
 """
 from lens_fast.ops.box_iou import box_iou, box_iou_aligned
+from lens_fast.ops.mask_loss import MaskLoss, mask_loss
 from lens_fast.ops.mask_stats import MaskStats, mask_iou, mask_stats
 from lens_fast.ops.postprocess_masks import postprocess_mask_stats, postprocess_masks
 from lens_fast.ops.reward_iou import reward_iou
 from lens_fast.ops.token_logprobs import token_logprobs
 
 __all__ = [
+    "MaskLoss",
     "MaskStats",
     "box_iou",
     "box_iou_aligned",
     "mask_iou",
+    "mask_loss",
     "mask_stats",
     "postprocess_mask_stats",
     "postprocess_masks",
