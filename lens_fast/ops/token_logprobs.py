@@ -172,7 +172,7 @@ def token_logprobs(
     return_entropy: bool = False,
     backend: Optional[str] = None,
 ) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-    """Log-probs ``log_softmax(hidden @ W.T + b) / T)[target]`` of the chosen tokens, chunked over tokens.
+    """Log-probs ``log_softmax((hidden @ W.T + b) / T)[target]`` of the chosen tokens, chunked over tokens.
 
     ``hidden``: [..., D] float32/float16/bfloat16 hidden states (only the completion tokens: the LM
     head never needs to run on prompt or image tokens); ``lm_head_weight``: [V, D] of the same dtype
