@@ -56,23 +56,33 @@ def token_logprobs_torch(
 
 
 def _chunk_stats_torch(logits: torch.Tensor, targets: torch.Tensor, temperature: float, with_entropy: bool):
-    x = logits.float() / temperature
-    lse = torch.logsumexp(x, dim=-1)
+    """(lse, target x, entropy or None) of a chunk; overwrites ``logits`` (a fresh F.linear output)."""
+    x = logits.float()  # ``logits`` itself when float32: one [C, V] buffer, updated in place
+    x.div_(temperature)
     target_x = x.gather(1, targets.unsqueeze(1)).squeeze(1)
+    row_max = x.amax(1, keepdim=True)
+    x.sub_(row_max)
     entropy = None
     if with_entropy:
-        x.sub_(lse.unsqueeze(1))
-        entropy = -(x.exp() * x).sum(-1)  # -sum p log p: the form the naive path computes
-    return lse, target_x, entropy
+        e = x.exp()
+        total = e.sum(1)
+        entropy = total.log() - (e.mul_(x)).sum(1) / total  # lse - E[x], both shifted by the row max
+    else:
+        total = x.exp_().sum(1)
+    return row_max.squeeze(1) + total.log(), target_x, entropy
 
 
 def _chunk_grad_torch(logits, targets, lse, mean_x, grad_logp, grad_entropy, temperature):
-    """d loss / d logits of a chunk in the logits' dtype (float32 math)."""
-    x = logits.float() / temperature
-    p = (x - lse.unsqueeze(1)).exp_()
-    grad = p * grad_logp.neg().unsqueeze(1)
-    if grad_entropy is not None:
-        grad.sub_(p.mul_(x.sub_(mean_x.unsqueeze(1))).mul_(grad_entropy.unsqueeze(1)))
+    """d loss / d logits of a chunk in the logits' dtype (float32 math); overwrites ``logits``."""
+    x = logits.float()
+    x.div_(temperature)
+    if grad_entropy is None:
+        grad = x.sub_(lse.unsqueeze(1)).exp_().mul_(grad_logp.neg().unsqueeze(1))
+    else:
+        p = (x - lse.unsqueeze(1)).exp_()
+        # -g_logp p - g_ent p (x - E[x])
+        grad = x.sub_(mean_x.unsqueeze(1)).mul_(grad_entropy.neg().unsqueeze(1)).sub_(grad_logp.unsqueeze(1)).mul_(p)
+        del p
     grad.scatter_add_(1, targets.unsqueeze(1), grad_logp.unsqueeze(1))
     return grad.div_(temperature).to(logits.dtype)
 
