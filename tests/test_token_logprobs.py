@@ -45,7 +45,7 @@ def close(dtype):
         (37, 19, 101, 8, True, 0.9),  # odd sizes, V prime, N not a multiple of the chunk
         (5, 64, 333, None, False, 1.0),  # default chunk (one chunk)
         (16, 7, 1, 3, True, 0.5),  # a vocabulary of one token
-        (1, 33, 2050, 1, False, 1.3),  # V beyond one interpreter block? (no: 2050 < 16384) one token per chunk
+        (3, 8, 40000, 2, False, 1.3),  # V over 3 interpreter blocks of 16384 (the online log-sum-exp), partial last
     ],
 )
 def test_values_and_grads_match_naive(rng, backend, dtype, n, d, v, chunk, bias, temperature):
