@@ -41,3 +41,25 @@ def native_threads(n: int) -> Iterator[None]:
         yield
     finally:
         lens_fast.set_num_threads(before)
+
+
+def _vm_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
+def cpu_peak_mib(fn: Callable[[], Any]) -> float:
+    """Peak resident memory (Linux VmHWM, reset through /proc/self/clear_refs) while ``fn`` runs, beyond
+    the resident memory before it, in MiB. Counts every byte the process touched (tensors, BLAS
+    scratch, allocator slack), so it is an upper bound on the op's own need; NaN where unsupported."""
+    try:
+        with open("/proc/self/clear_refs", "w") as clear:
+            clear.write("5")
+        before = _vm_kib("VmRSS")
+    except OSError:
+        return float("nan")
+    fn()
+    return (_vm_kib("VmHWM") - before) / 1024

@@ -55,16 +55,17 @@ def _check_size(name: str, size: object) -> tuple[int, int]:
 
 
 def _check_geometry(
-    low_res: object, input_size: object, original_size: object, image_size: object, min_dims: int
+    low_res: object, input_size: object, original_size: object, image_size: object, min_dims: int,
+    name: str = "low_res",
 ) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int], int]:
-    low_res = as_tensor("low_res", low_res)
+    low_res = as_tensor(name, low_res)
     if low_res.dtype not in LOGIT_DTYPES:
-        raise TypeError(f"low_res must be float32/float16/bfloat16 logits, got {low_res.dtype}")
+        raise TypeError(f"{name} must be float32/float16/bfloat16 logits, got {low_res.dtype}")
     if low_res.dim() < min_dims:
         want = "[..., G, h, w]" if min_dims == 3 else "[..., h, w]"
-        raise ValueError(f"low_res must be {want} (at least {min_dims} dims), got shape {tuple(low_res.shape)}")
+        raise ValueError(f"{name} must be {want} (at least {min_dims} dims), got shape {tuple(low_res.shape)}")
     if min(low_res.shape[-2:]) < 1:
-        raise ValueError(f"low_res must have h, w >= 1, got shape {tuple(low_res.shape)}")
+        raise ValueError(f"{name} must have h, w >= 1, got shape {tuple(low_res.shape)}")
     try:
         size = 0 if isinstance(image_size, bool) else operator.index(image_size)  # type: ignore[arg-type]
     except TypeError:
@@ -88,6 +89,22 @@ def _masks_3d(low_res: torch.Tensor) -> torch.Tensor:
     if (h - 1) * flat.stride(1) + (w - 1) * flat.stride(2) >= _INT32_LIMIT:
         flat = flat.contiguous()
     return flat
+
+
+def resize_matrix(
+    low_size: int, image_size: int, crop_size: int, out_size: int, device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """Both resizes of ``Sam.postprocess_masks`` along one axis as a float32 matrix [out_size, low_size].
+
+    Column j is the reference chain (bilinear to ``image_size``, crop to ``crop_size``, bilinear to
+    ``out_size``) applied to the unit vector e_j, computed by ``F.interpolate`` itself, so the weights
+    are torch's own (each row has at most 4 nonzeros, 3 adjacent ones when low_size <= image_size).
+    ``postprocess_masks_torch(L)`` equals ``R_h @ L @ R_w.T`` to float32 rounding.
+    """
+    eye = torch.eye(low_size, dtype=torch.float32, device=device).view(1, 1, low_size, low_size)
+    x = F.interpolate(eye, (image_size, low_size), mode="bilinear", align_corners=False)[..., :crop_size, :]
+    x = F.interpolate(x, (out_size, low_size), mode="bilinear", align_corners=False)
+    return x[0, 0]
 
 
 def postprocess_masks_torch(
