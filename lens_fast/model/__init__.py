@@ -11,6 +11,7 @@ from lens_fast.model.build import (
     build_tiny_lens,
     from_components,
     from_pretrained,
+    real_config,
     save_pretrained,
     tiny_config,
 )
@@ -36,6 +37,7 @@ __all__ = [
     "build_tiny_tokenizer",
     "from_components",
     "from_pretrained",
+    "real_config",
     "save_pretrained",
     "tiny_config",
 ]
