@@ -28,10 +28,9 @@ import itertools
 import math
 from dataclasses import dataclass, field
 from functools import lru_cache
-from pathlib import Path
 from typing import Optional
 
-from lens_fast.training.config import PLAN_ATTENTION, PLAN_STATES, PLAN_WEIGHTS, TrainConfig
+from lens_fast.training.config import PLAN_STATES, PLAN_WEIGHTS, TrainConfig
 
 GB = 1e9
 TYPICAL_IMAGE = (480, 640)
