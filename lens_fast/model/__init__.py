@@ -12,6 +12,7 @@ from lens_fast.model.build import (
     build_tiny_lens,
     from_components,
     from_pretrained,
+    real_config,
     save_pretrained,
     tiny_config,
 )
@@ -38,6 +39,7 @@ __all__ = [
     "build_tiny_tokenizer",
     "from_components",
     "from_pretrained",
+    "real_config",
     "save_pretrained",
     "tiny_config",
 ]

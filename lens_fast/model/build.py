@@ -3,6 +3,8 @@
 - :func:`build_lens`: random weights for a :class:`LensConfig` (on the meta device for a memory plan).
 - :func:`build_tiny_lens`: a ~0.5 M-parameter model built offline in about a second (tests, the
   default training run).
+- :func:`real_config`: the shipped real architecture (Qwen2.5-VL-3B + SAM) with a given tokenizer's
+  special-token ids (the memory plan builds it on the meta device with the tiny tokenizer).
 - :func:`save_pretrained` / :func:`from_pretrained`: our checkpoints (``lens_config.json``,
   ``model.safetensors``, tokenizer files).
 - :func:`from_components`: a Qwen2.5-VL Hugging Face directory + a segment_anything SAM ``.pth``.
@@ -134,6 +136,33 @@ def tiny_config(tokenizer, **overrides: Any) -> LensConfig:
     )
     values.update(overrides)
     return LensConfig.from_dict(values)
+
+
+QWEN_SPECIAL_IDS = {
+    "image_token_id": "<|image_pad|>", "video_token_id": "<|video_pad|>",
+    "vision_start_token_id": "<|vision_start|>", "vision_end_token_id": "<|vision_end|>",
+    "bos_token_id": "<|endoftext|>", "eos_token_id": "<|im_end|>",
+}
+"""Qwen2.5-VL config fields that hold a special token's id (the released config's values are Qwen's ids)."""
+
+
+def real_config(tokenizer, sam_type: str = "vit_l", **overrides: Any) -> LensConfig:
+    """The shipped Qwen2.5-VL-3B-Instruct architecture + SAM ``sam_type`` (``configs/architectures``).
+
+    The Qwen config's special-token ids are set to ``tokenizer``'s, so that a model with the real
+    shapes can be built without the released tokenizer: with :func:`build_tiny_tokenizer` for a
+    memory plan on the meta device or a random-weight benchmark (every tiny id is inside the real
+    vocabulary, whose size is kept); with Qwen's own tokenizer the ids are the released ones.
+    ``overrides``: LensConfig fields."""
+    qwen = architecture("qwen2.5-vl-3b-instruct")
+    if len(tokenizer) > qwen["text_config"]["vocab_size"]:
+        raise ValueError(f"the tokenizer's {len(tokenizer)} tokens exceed the vocabulary of {qwen['text_config']['vocab_size']}")
+    ids = special_token_ids(tokenizer)
+    for key, token in QWEN_SPECIAL_IDS.items():
+        qwen[key] = ids[token]
+        if key in qwen["text_config"]:
+            qwen["text_config"][key] = ids[token]
+    return LensConfig.from_dict({"qwen": qwen, "sam": sam_architecture(sam_type), **overrides})
 
 
 def build_tiny_lens(seed: int = 0, **overrides: Any) -> LensModel:

@@ -2,7 +2,7 @@
 
 ``qwen`` is a ``Qwen2_5_VLConfig`` as a dict (``config.json`` of a Qwen2.5-VL checkpoint); ``sam`` is a
 :class:`SamConfig` as a dict. The real architectures ship in ``configs/`` (see
-:func:`lens_fast.model.architectures.real_config`).
+:func:`lens_fast.model.build.real_config`).
 """
 from __future__ import annotations
 

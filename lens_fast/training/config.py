@@ -21,6 +21,13 @@ from lens_fast.training.rollout_rewards import REWARDS
 PARTS = ("vision", "llm", "queries", "connector", "sam_encoder", "sam_decoder")
 """Trainable groups: the policy's vision tower, its language model (+ LM head), the context queries,
 the connector, SAM's image encoder, SAM's prompt encoder + mask decoder."""
+PLAN_WEIGHTS = ("master", "kahan", "sr")
+PLAN_STATES = ("fp32", "bf16", "8bit")
+PLAN_ATTENTION = ("sdpa", "flash", "eager")
+
+
+def _plan(default: Any, text: str) -> Any:
+    return field(default=default, metadata={"help": f"--plan only: {text}"})
 
 
 @dataclass
@@ -92,6 +99,17 @@ class TrainConfig:
     grad_clip: float = 1.0
     warmup_steps: int = 20
     lr_schedule: str = "cosine"  # cosine | constant
+    # memory plan (--plan; the trainer does not read these)
+    plan_gpus: int = _plan(1, "GPUs to plan for (FSDP2 shards weights, grads and states across them)")
+    plan_gpu_memory_gb: float = _plan(24.0, "memory budget per GPU in GB (1e9 bytes)")
+    plan_completion_tokens: int = _plan(0, "completion length to plan for (0: max_new_tokens, the worst case)")
+    plan_weights: str = _plan("master", "master (bf16 + fp32 master weights) | kahan | sr (pure bf16 AdamW)")
+    plan_states: str = _plan("fp32", "AdamW states: fp32 | bf16 | 8bit")
+    plan_offload: bool = _plan(False, "fp32 master weights + AdamW states in host memory, AdamW on the CPU")
+    plan_step_in_backward: bool = _plan(False, "each parameter stepped during backward: no gradient buffer")
+    plan_micro_batch: int = _plan(0, "sequences per forward/backward pass (0: all of the GPU's rows at once)")
+    plan_attention: str = _plan("sdpa", "sdpa | flash (flash-attn 2) | eager")
+    plan_lean_ops: bool = _plan(False, "chunked log-probs + memory-lean mask loss instead of the naive paths")
 
     def __post_init__(self) -> None:
         self.synthetic_kinds, self.stage1_train, self.stage2_train = (
@@ -102,6 +120,7 @@ class TrainConfig:
             reward_aggregation=AGGREGATIONS, scale_rewards=SCALE_REWARDS, loss_type=LOSS_TYPES,
             importance_sampling_level=IMPORTANCE_LEVELS, lr_schedule=("cosine", "constant"),
             sam_type=("vit_b", "vit_l", "vit_h"), dataset=("refcoco", "refcoco+", "refcocog"),
+            plan_weights=PLAN_WEIGHTS, plan_states=PLAN_STATES, plan_attention=PLAN_ATTENTION,
         )
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -113,12 +132,13 @@ class TrainConfig:
                 raise ValueError(f"{name} must be distinct names from {allowed}, got {values!r}")
         if not self.synthetic_kinds:
             raise ValueError("synthetic_kinds must name at least one kind")
-        positive = ("threads", "log_every", "checkpoint_every", "max_bad_steps", "num_queries", "max_new_tokens", "val_batch_size",
-                    "stage1_batch_size", "batch_size", "num_generations", "num_iterations")
+        positive = ("threads", "log_every", "checkpoint_every", "max_bad_steps", "num_queries", "max_new_tokens",
+                    "val_batch_size", "stage1_batch_size", "batch_size", "num_generations", "num_iterations", "plan_gpus")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("stage1_steps", "stage2_steps", "val_size", "warmup_steps", "seed", "top_k"):
+        for name in ("stage1_steps", "stage2_steps", "val_size", "warmup_steps", "seed", "top_k",
+                     "plan_completion_tokens", "plan_micro_batch"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("stage1_lr", "lr", "weight_decay", "grad_clip", "beta", "epsilon", "sft_weight", "mask_loss_weight"):
@@ -126,6 +146,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.epsilon_high is not None and not self.epsilon_high >= 0:
             raise ValueError(f"epsilon_high must be >= 0 or null, got {self.epsilon_high}")
+        if not self.plan_gpu_memory_gb > 0:
+            raise ValueError(f"plan_gpu_memory_gb must be > 0, got {self.plan_gpu_memory_gb}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if not self.temperature > 0:
@@ -204,8 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
         kind, _ = _field_type(f)
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         shown = ",".join(default) if isinstance(default, tuple) else default
+        text = f"{f.metadata['help']}; " if "help" in f.metadata else ""
         parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=None, metavar=kind.__name__.upper(),
-                            help=f"default: {shown}")
+                            help=f"{text}default: {shown}")
     return parser
 
 

@@ -1,0 +1,165 @@
+"""The memory plan: exact parameter counts of the real shapes on the meta device, hand-checked items,
+the option search, and the ``--plan`` CLI."""
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from lens_fast import train
+from lens_fast.training import plan as memory
+from lens_fast.training.config import TrainConfig, parse_args
+
+ROOT = Path(__file__).resolve().parents[1]
+REAL = ROOT / "configs" / "lens_qwen2.5vl_3b.yaml"
+VOCAB, HIDDEN = 151936, 2048
+
+
+@pytest.fixture(scope="module")
+def real():
+    config, _ = parse_args(["--config", str(REAL)])
+    facts = memory.model_facts(config)
+    return config, facts, memory.shapes(facts, config)
+
+
+def item(estimate, prefix):
+    (found,) = [i for i in estimate.items if i.name.startswith(prefix)]
+    return found.bytes
+
+
+def test_real_parameter_counts_from_the_meta_device(real):
+    _, facts, _ = real
+    # Qwen2.5-VL-3B-Instruct as released: 3,754,622,976 parameters (tied embeddings counted once)
+    assert facts.policy == 3_754_622_976
+    assert facts.params["vision"] == 668_684_288
+    assert facts.params["llm"] == 3_085_938_688
+    # SAM ViT-L (segment_anything): image encoder 308.3 M, prompt encoder + mask decoder 4.06 M
+    assert facts.params["sam_encoder"] == 308_278_272
+    assert facts.params["sam_decoder"] == 6_220 + 4_058_340
+    # LENS's connector (4 blocks at 2048 + a Conv1d of kernel 64) and 64 queries
+    assert facts.params["queries"] == 64 * HIDDEN
+    assert facts.conv_params == HIDDEN * HIDDEN * 64 + HIDDEN
+    assert facts.largest_tensor == VOCAB * HIDDEN  # the tied embedding / LM head
+    assert facts.text["vocab_size"] == VOCAB and facts.text["num_hidden_layers"] == 36
+
+
+def test_real_config_keeps_the_shapes_and_takes_the_tokenizers_ids():
+    from lens_fast.model import build_tiny_tokenizer, real_config
+    from lens_fast.model.tokenizer import special_token_ids
+
+    tokenizer = build_tiny_tokenizer()
+    config = real_config(tokenizer, "vit_b")
+    ids = special_token_ids(tokenizer)
+    assert config.qwen["image_token_id"] == ids["<|image_pad|>"]
+    assert config.qwen["text_config"]["eos_token_id"] == ids["<|im_end|>"]
+    assert config.qwen["text_config"]["vocab_size"] == VOCAB
+    assert config.sam["encoder_embed_dim"] == 768
+
+
+def test_sequence_of_a_refcoco_image(real):
+    config, _, shape = real
+    assert shape.resized == (476, 644)  # 480 x 640 through smart resize (factor 28)
+    assert shape.patches == 34 * 46 and shape.image_tokens == 391
+    assert shape.completion == config.max_new_tokens == 768 and shape.queries == 64
+    assert shape.row == shape.prompt + 768 + 64
+    typical = dataclasses.replace(config, plan_completion_tokens=40)
+    assert memory.shapes(memory.model_facts(typical), typical).completion == 40
+
+
+def test_hand_computed_items(real):
+    config, facts, shape = real
+    trainable = sum(n for part, n in facts.params.items() if part in config.stage2_train)
+    frozen = facts.params["sam_encoder"]
+    assert trainable + frozen == facts.total
+    base = memory.estimate(facts, shape, config, memory.Options(checkpointing=True))
+    assert item(base, "weights, bf16") == 2 * facts.total  # bf16: 2 B/param
+    assert item(base, "fp32 master") == 4 * trainable
+    assert item(base, "AdamW states, fp32") == 8 * trainable  # fp32 AdamW: 8 B/param
+    assert item(base, "gradients, bf16") == 2 * trainable
+    assert item(base, "reference model") == 2 * facts.policy
+    rows = config.batch_size * config.num_generations
+    assert item(base, "KV cache") == rows * (shape.prompt + 768) * 36 * 2 * 2 * 128 * 2
+    assert item(base, "log-probs: naive") == rows * 768 * VOCAB * 12
+    assert item(base, "log-probs: chunked") == (2**25 // VOCAB) * VOCAB * 12
+    tokens = rows * shape.row
+    assert item(base, "activations: policy LLM, checkpointing") < item(base, "activations: policy LLM, no checkpointing") / 10
+    layer = memory._text_layer_bytes(facts.text, "sdpa", shape.row)
+    assert item(base, "activations: policy LLM, checkpointing") == tokens * (2 * HIDDEN * 36 + layer + 10 * HIDDEN)
+    # flash-attn keeps K/V at 2 heads and no transposed copy: 20.5 h + 8 i bytes per token and layer
+    assert memory._text_layer_bytes(facts.text, "flash", 1) == 20.5 * HIDDEN + 8 * 11008
+    assert memory.korthikanti_bytes(HIDDEN, 16, 1000, flash=True) == 34 * HIDDEN
+    assert memory.korthikanti_bytes(HIDDEN, 16, 1000, flash=False) == 34 * HIDDEN + 5 * 16 * 1000
+
+    eight_bit = memory.estimate(facts, shape, config, memory.Options(states="8bit", weights="sr"))
+    assert item(eight_bit, "AdamW states, 8bit") == pytest.approx(2 * trainable, rel=0.02)
+    assert item(eight_bit, "master weights") == 0
+
+    fsdp = memory.estimate(facts, shape, config, memory.Options(gpus=4))
+    assert item(fsdp, "weights, bf16") == pytest.approx(2 * (trainable / 4 + frozen))
+    assert item(fsdp, "AdamW states, fp32") == pytest.approx(8 * trainable / 4)
+    assert item(fsdp, "gradients, bf16") == pytest.approx(2 * trainable / 4)
+    assert item(fsdp, "KV cache") == item(base, "KV cache") / 4  # 2 of the 8 prompts per GPU
+
+    no_ref = memory.estimate(facts, shape, config, memory.Options(beta0=True))
+    assert item(no_ref, "reference model") == 0 and "reference" not in no_ref.phases
+    assert "reference pass" not in no_ref.time
+    assert base.phases["train"] - no_ref.phases["train"] == pytest.approx(2 * facts.policy)
+
+    offload = memory.estimate(facts, shape, config, memory.Options(offload=True))
+    assert item(offload, "AdamW states") == 0 and item(offload, "fp32 master") == 0
+    assert offload.host_bytes == 12 * trainable
+    assert offload.time["optimizer (CPU offload)"] == pytest.approx(4 * trainable / 20e9 + trainable / 1e9)
+
+    streamed = memory.estimate(facts, shape, config, memory.Options(step_in_backward=True))
+    assert item(streamed, "gradients (step in backward)") == 2 * (VOCAB * HIDDEN + facts.text_layer_params)
+
+    micro = memory.estimate(facts, shape, config, memory.Options(micro_rows=8))
+    assert micro.passes == 8
+    assert item(micro, "activations: policy LLM, checkpointing") == item(base, "activations: policy LLM, checkpointing") / 8
+    assert micro.total < base.total
+
+
+def test_real_recipe_does_not_fit_one_24_gb_gpu_as_configured_but_a_combination_does(real):
+    config, _, _ = real
+    result = memory.plan(config)
+    assert result.chosen.total > 24e9
+    assert result.pick is not None and result.pick.total <= 24e9
+    assert all(e.total <= 24e9 for e in result.candidates)
+    # 16 B/param of mixed-precision AdamW cannot sit on one GPU: the pick offloads
+    assert result.pick.options.offload
+    assert set(result.by_gpus) == {1, 2, 4, 8} and all(result.by_gpus.values())
+
+
+def test_step_in_backward_with_micro_batches_needs_offload(real):
+    config, _, _ = real
+    bad = dataclasses.replace(config, plan_step_in_backward=True, plan_micro_batch=8)
+    with pytest.raises(ValueError, match="gradient buffer"):
+        memory.plan(bad)
+    assert memory.print_plan(bad) == 2
+
+
+@pytest.mark.parametrize("argv", [["--config", str(REAL), "--plan"], ["--plan"]], ids=["real", "tiny"])
+def test_cli_prints_the_plan(argv, capsys):
+    assert train.main(argv) == 0
+    out = capsys.readouterr().out
+    for text in ("weights, bf16", "AdamW states", "KV cache", "activations: policy LLM, checkpointing",
+                 "log-probs: naive", "SAM encoder", "mask loss", "estimated peak", "The plan picks"):
+        assert text in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--plan-states", "4bit"], "plan_states must be one of"),
+    (["--plan-gpus", "0"], "plan_gpus must be >= 1"),
+    (["--plan-gpu-memory-gb", "0"], "plan_gpu_memory_gb must be > 0"),
+])
+def test_plan_options_are_checked(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        parse_args(argv)
+    assert message in capsys.readouterr().err
+
+
+def test_plan_fields_have_help(capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    text = capsys.readouterr().out
+    assert "--plan-gpus" in text and "--plan only" in text
+    assert TrainConfig().plan_gpu_memory_gb == 24.0
