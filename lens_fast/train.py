@@ -28,7 +28,7 @@ from lens_fast.training import grpo
 from lens_fast.training.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint, set_rng_state
 from lens_fast.training.config import TrainConfig, parse_args
 from lens_fast.training.log import MetricsLog, plot_curves
-from lens_fast.training.losses import answer_nll, bce_dice
+from lens_fast.training.losses import answer_nll
 from lens_fast.training.rollout_rewards import mask_iou_from_low_res, rollout_rewards
 from lens_fast.training.validate import validate
 
@@ -141,7 +141,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     torch.manual_seed(config.seed)
     train_set, val_set, val_full = build_datasets(config)
     model = build_model(config, device) if state is None else from_pretrained(resume_from, device=device)
-    side = model.segmenter.image_size
     total_steps = config.stage1_steps + config.stage2_steps
     step, position, bad_steps = 0, 0, 0
     val_history: list[dict] = []
@@ -252,8 +251,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     low_res, _, _ = model.masks_from_answers(
                         texts, sam_rows, images.policy_sizes.repeat_interleave(group, 0), images.original_sizes.repeat_interleave(group, 0))
                 bce = dice = torch.zeros((), device=device)
-                if low_res.requires_grad:
-                    bce, dice = bce_dice(low_res, gt_masks, side)
+                if low_res.requires_grad:  # (a frozen SAM prompted by the answer has nothing to learn)
+                    _, bce, dice = model.segmenter.mask_loss(low_res.view(len(samples), group, *low_res.shape[1:]), gt_masks)
                 if stage == "align":
                     nll = answer_nll(logp, completions.mask)
                     loss = config.sft_weight * nll + bce + dice

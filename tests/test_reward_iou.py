@@ -11,7 +11,7 @@ import torch
 import triton
 from mask_cases import EDGE_CASES, edge_case_masks
 from test_box_iou import numpy_iou
-from test_mask_stats import DTYPES, FLOATS, numpy_stats, random_gt, random_pred
+from test_mask_stats import DTYPES, numpy_stats, random_gt, random_pred
 
 from lens_fast import ops
 from lens_fast.kernels import mask_stats as mask_stats_kernel

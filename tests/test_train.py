@@ -154,11 +154,14 @@ def test_sigterm_writes_a_checkpoint_and_a_changed_config_is_refused(tmp_path):
 
 
 def test_non_finite_losses_are_skipped_then_stop_the_run(tmp_path, monkeypatch, capsys):
-    def poisoned(low_res, gt_masks, image_size):
-        nan = low_res.sum() * float("nan")
-        return nan, nan
+    from lens_fast import ops
+    from lens_fast.model.segmenter import Segmenter
 
-    monkeypatch.setattr(train, "bce_dice", poisoned)
+    def poisoned(self, low_res, gt_masks):
+        nan = low_res.sum() * float("nan")
+        return ops.MaskLoss(nan, nan, nan)
+
+    monkeypatch.setattr(Segmenter, "mask_loss", poisoned)
     code = run_main(tmp_path, "--stage1-steps", "10", "--stage2-steps", "0", "--max-bad-steps", "3", "--val-size", "2")
     assert code == 1
     assert "3 consecutive non-finite losses" in capsys.readouterr().err

@@ -13,10 +13,10 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import DynamicCache, Qwen2_5_VLForConditionalGeneration
 
+from lens_fast import ops
 from lens_fast.model.tokenizer import special_token_ids
 
 log = logging.getLogger("lens_fast.model")
@@ -295,8 +295,6 @@ class Policy(nn.Module):
         return token_hidden, query_states
 
     def token_logprobs(self, hidden: torch.Tensor, ids: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-        """log p(ids) under softmax(lm_head(hidden) / temperature): [N, L, hidden], int64 [N, L] -> float32 [N, L]."""
-        logits = self.lm_head(hidden).float()
-        if temperature != 1.0:
-            logits = logits / temperature
-        return torch.gather(F.log_softmax(logits, -1), -1, ids.unsqueeze(-1)).squeeze(-1)
+        """log p(ids) under softmax(lm_head(hidden) / temperature): [N, L, hidden], int64 [N, L] -> float32
+        [N, L], chunked over tokens (:func:`lens_fast.ops.token_logprobs`: no [N, L, vocab] logits)."""
+        return ops.token_logprobs(hidden, self.lm_head.weight, ids, bias=self.lm_head.bias, temperature=temperature)

@@ -96,6 +96,14 @@ class Segmenter(nn.Module):
         side = self.image_size
         return ops.postprocess_mask_stats(low_res.float(), gt, (side, side), tuple(gt.shape[-2:]), image_size=side)
 
+    def mask_loss(self, low_res: torch.Tensor, gt_masks: Sequence[torch.Tensor]) -> ops.MaskLoss:
+        """LENS's BCE + Dice (means over masks) of low-res logits [B, G, 4e, 4e] against B bool masks
+        [H_b, W_b] (each shared by its G masks), at the ground truth's size without writing it
+        (:func:`lens_fast.ops.mask_loss`)."""
+        side = self.image_size
+        return ops.mask_loss(low_res, list(gt_masks), (side, side), [tuple(g.shape) for g in gt_masks],
+                             image_size=side, return_parts=True)
+
     def embed_images(self, images: Sequence[np.ndarray]) -> torch.Tensor:
         """RGB uint8 [H_i, W_i, 3] images -> image embeddings [B, C, e, e] (one encoder pass each)."""
         weight = self.image_encoder.patch_embed.proj.weight

@@ -392,7 +392,6 @@ def estimate(facts: ModelFacts, shape: Shapes, config: TrainConfig, options: Opt
 
     # step time (estimates)
     p_llm = facts.params["llm"] - vocab * h
-    heads = t["num_attention_heads"]
     fwd_text = 2 * p_llm * rows * seq + 2 * h * vocab * rows * comp + 2 * layers * h * rows * seq**2
     fwd_vision = 2 * facts.params["vision"] * prompts * shape.patches
     conn = facts.params["connector"] - facts.conv_params
