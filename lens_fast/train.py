@@ -25,6 +25,7 @@ from tqdm import tqdm
 from lens_fast.data import SyntheticConfig, SyntheticRefDataset
 from lens_fast.model import Completions, LensModel, build_tiny_lens, from_components, from_pretrained
 from lens_fast.training import grpo
+from lens_fast.training.batches import Batches
 from lens_fast.training.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint, set_rng_state
 from lens_fast.training.config import TrainConfig, parse_args
 from lens_fast.training.log import MetricsLog, plot_curves
@@ -54,10 +55,13 @@ def build_datasets(config: TrainConfig):
     return train, val, full
 
 
-def build_model(config: TrainConfig, device: torch.device) -> LensModel:
+def build_model(config: TrainConfig, device: torch.device, checkpoint: Optional[Path] = None) -> LensModel:
+    """The config's model, or the weights of a training ``checkpoint`` being resumed."""
     model_options = dict(mode=config.mode, prompt_style=config.prompt_style, num_queries=config.num_queries,
                          max_new_tokens=config.max_new_tokens)
-    if config.model == "tiny":
+    if checkpoint is not None:
+        model = from_pretrained(checkpoint, device=device)
+    elif config.model == "tiny":
         model = build_tiny_lens(seed=config.seed, **model_options).to(device)
     elif config.model == "components":
         model = from_components(config.qwen_dir, config.sam_checkpoint, config.sam_type, device=device, **model_options)
@@ -100,11 +104,6 @@ def build_optimizer(params, lr: float, steps: int, config: TrainConfig, device: 
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def next_batch(dataset, position: int, size: int):
-    samples = [dataset[(position + i) % len(dataset)] for i in range(size)]
-    return samples, position + size
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     config, args = parse_args(argv)
     if args.plan:
@@ -140,7 +139,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
     train_set, val_set, val_full = build_datasets(config)
-    model = build_model(config, device) if state is None else from_pretrained(resume_from, device=device)
+    model = build_model(config, device, resume_from)
     total_steps = config.stage1_steps + config.stage2_steps
     step, position, bad_steps = 0, 0, 0
     val_history: list[dict] = []
@@ -165,7 +164,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     def checkpoint(name: str = "latest_step") -> None:
         save_checkpoint(checkpoints, name, model, {
-            "config": config_dict, "step": step, "position": position, "val": val_history,
+            "config": config_dict, "step": step, "position": batches.position, "val": val_history,
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "wall_time": wall_before + time.time() - started,
         })
@@ -189,6 +188,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 reference = from_pretrained(stage1, device=device) if stage1.exists() else copy.deepcopy(model)
                 reference.requires_grad_(False).eval()
 
+    batches = Batches(train_set, model, position)
     enter_stage(stage)
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
@@ -209,8 +209,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
             # ---- rollout -------------------------------------------------------------------------------
             size = config.stage1_batch_size if stage == "align" else config.batch_size
-            samples, position = next_batch(train_set, position, size)
-            images = model.prepare_images([s.image for s in samples])
+            samples, images = batches.next(size)
             expressions = [s.expression for s in samples]
             prompts = model.tokenize_prompts(images, expressions)
             gt_masks = [torch.from_numpy(s.mask).to(device) for s in samples]
@@ -324,6 +323,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 1
     finally:
         bar.close()
+        batches.close()
         for sig, handler in previous_handlers.items():
             signal.signal(sig, handler)
 

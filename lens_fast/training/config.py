@@ -41,7 +41,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto: cuda when available, else cpu
     threads: int = 1  # torch CPU threads (the tiny model's small ops run fastest on one)
-    log_every: int = 10
+    log_every: int = 1  # steps between metrics.jsonl lines
     checkpoint_every: int = 200  # steps; also at each stage's end and on SIGINT/SIGTERM
     max_bad_steps: int = 5  # consecutive non-finite losses that stop the run
     progress: bool = True
