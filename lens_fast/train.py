@@ -28,6 +28,7 @@ from lens_fast.training import grpo
 from lens_fast.training.batches import Batches
 from lens_fast.training.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint, set_rng_state
 from lens_fast.training.config import TrainConfig, parse_args
+from lens_fast.training.distributed import World, close_world, data_parallel, init_world
 from lens_fast.training.log import MetricsLog, plot_curves
 from lens_fast.training.losses import answer_nll
 from lens_fast.training.rollout_rewards import mask_iou_from_low_res, rollout_rewards
@@ -115,25 +116,36 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except FileNotFoundError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    world = init_world(config.device)
+    try:
+        return train(config, world)
+    finally:
+        close_world(world)
+
+
+def train(config: TrainConfig, world: World) -> int:
+    """The run of ``config`` in this process of ``world``; returns the exit status."""
+    say = print if world.is_main else (lambda *a, **k: None)
     output_dir = Path(config.output_dir or f"runs/{datetime.now():%Y%m%d-%H%M%S}")
     checkpoints = output_dir / "checkpoints"
-    device = torch.device(config.device if config.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = world.device
     config_dict = dataclasses.asdict(config)
 
     # ---- resume? ---------------------------------------------------------------------------------------
     resume_from = latest_checkpoint(checkpoints) if config.resume else None
     if config.resume and resume_from is None:
-        print(f"error: --resume: no checkpoint under {checkpoints}", file=sys.stderr)
+        say(f"error: --resume: no checkpoint under {checkpoints}", file=sys.stderr)
         return 2
     state = None
     if resume_from is not None:
         try:
             state = load_trainer_state(resume_from, config_dict)
         except ValueError as error:
-            print(f"error: {error}", file=sys.stderr)
+            say(f"error: {error}", file=sys.stderr)
             return 2
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "config.json").write_text(json.dumps(config_dict, indent=2) + "\n")
+    if world.is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "config.json").write_text(json.dumps(config_dict, indent=2) + "\n")
 
     # ---- data, model -------------------------------------------------------------------------------------
     torch.set_num_threads(config.threads)
@@ -147,54 +159,58 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if state is not None:
         step, position, val_history, wall_before = state["step"], state["position"], state["val"], state["wall_time"]
         set_rng_state(state["rng"])
-        print(f"resuming from {resume_from} at step {step}")
-    log = MetricsLog(output_dir, resume_step=step if state is not None else None)
+        say(f"resuming from {resume_from} at step {step} ({world.size} process(es))")
+    log = MetricsLog(output_dir, resume_step=step if state is not None else None) if world.is_main else None
 
     stop_signal: list[int] = []
     previous_handlers = {sig: signal.signal(sig, lambda number, frame: stop_signal.append(number))
                          for sig in (signal.SIGINT, signal.SIGTERM)}
 
     def evaluate(after: str) -> None:
-        entry = {"after": after, "step": step, **validate(model, val_set, size=config.val_size, batch_size=config.val_batch_size)}
-        if val_full is not None:
-            entry["full"] = validate(model, val_full, size=config.val_size, batch_size=config.val_batch_size)
-        val_history.append(entry)
-        print(f"val after {after}: " + ", ".join(f"{k} {v:.3f}" for k, v in entry.items() if isinstance(v, float)))
-        log.write({"step": step, "stage": "val", **{f"val/{k}": v for k, v in entry.items() if isinstance(v, float)}})
+        if world.is_main:
+            entry = {"after": after, "step": step, **validate(model, val_set, size=config.val_size, batch_size=config.val_batch_size)}
+            if val_full is not None:
+                entry["full"] = validate(model, val_full, size=config.val_size, batch_size=config.val_batch_size)
+            val_history.append(entry)
+            say(f"val after {after}: " + ", ".join(f"{k} {v:.3f}" for k, v in entry.items() if isinstance(v, float)), flush=True)
+            log.write({"step": step, "stage": "val", **{f"val/{k}": v for k, v in entry.items() if isinstance(v, float)}})
+        world.barrier()
 
     def checkpoint(name: str = "latest_step") -> None:
-        save_checkpoint(checkpoints, name, model, {
-            "config": config_dict, "step": step, "position": batches.position, "val": val_history,
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "wall_time": wall_before + time.time() - started,
-        })
+        if world.is_main:
+            save_checkpoint(checkpoints, name, model, {
+                "config": config_dict, "step": step, "position": batches.position, "val": val_history,
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "wall_time": wall_before + time.time() - started,
+            })
+        world.barrier()
 
     started = time.time()
     if not val_history:
         evaluate("start")
     stage = "align" if step < config.stage1_steps else "grpo"
-    optimizer = scheduler = reference = None
+    optimizer = scheduler = reference = forward = None
 
     def enter_stage(name: str) -> None:
-        nonlocal optimizer, scheduler, reference
-        if name == "align":
-            params = parameters_of(model, config.stage1_train)
-            optimizer, scheduler = build_optimizer(params, config.stage1_lr, config.stage1_steps, config, device)
-        else:
-            params = parameters_of(model, config.stage2_train)
-            optimizer, scheduler = build_optimizer(params, config.lr, config.stage2_steps, config, device)
-            if config.beta > 0:  # LENS: the reference is the stage-1 model
-                stage1 = checkpoints / "stage1"
-                reference = from_pretrained(stage1, device=device) if stage1.exists() else copy.deepcopy(model)
-                reference.requires_grad_(False).eval()
+        nonlocal optimizer, scheduler, reference, forward
+        parts, lr, steps = (
+            (config.stage1_train, config.stage1_lr, config.stage1_steps) if name == "align"
+            else (config.stage2_train, config.lr, config.stage2_steps)
+        )
+        optimizer, scheduler = build_optimizer(parameters_of(model, parts), lr, steps, config, device)
+        forward = data_parallel(model, world)  # after the trainable parameters are chosen
+        if name == "grpo" and config.beta > 0:  # LENS: the reference is the stage-1 model
+            stage1 = checkpoints / "stage1"
+            reference = from_pretrained(stage1, device=device) if stage1.exists() else copy.deepcopy(model)
+            reference.requires_grad_(False).eval()
 
-    batches = Batches(train_set, model, position)
+    batches = Batches(train_set, model, position, world)
     enter_stage(stage)
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
     model.train()
-    bar = tqdm(total=total_steps, initial=step, disable=not config.progress, unit="step", dynamic_ncols=True)
+    bar = tqdm(total=total_steps, initial=step, disable=not (config.progress and world.is_main), unit="step", dynamic_ncols=True)
     last_log = time.time()
     try:
         while step < total_steps:
@@ -208,8 +224,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             record: dict = {"step": step, "stage": stage}
 
             # ---- rollout -------------------------------------------------------------------------------
-            size = config.stage1_batch_size if stage == "align" else config.batch_size
-            samples, images = batches.next(size)
+            global_size = config.stage1_batch_size if stage == "align" else config.batch_size
+            first_prompt = batches.position + world.share(global_size)[0]
+            samples, images = batches.next(global_size)
             expressions = [s.expression for s in samples]
             prompts = model.tokenize_prompts(images, expressions)
             gt_masks = [torch.from_numpy(s.mask).to(device) for s in samples]
@@ -217,15 +234,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if stage == "align":
                 ids, mask = model.answer_ids(expressions, gt_boxes, images.policy_sizes, images.original_sizes)
                 completions = Completions(ids, mask, torch.zeros(len(samples), dtype=torch.bool, device=device))
-                group = 1
+                group, temperature = 1, 1.0
             else:
-                group = config.num_generations
-                generator = torch.Generator(device=device).manual_seed(config.seed * 1_000_003 + step)
+                group, temperature = config.num_generations, config.temperature
+                # one generator per prompt, seeded by its place in the run: the same samples at any process count
+                generators = [torch.Generator(device=device).manual_seed(config.seed * 1_000_003 + 7919 * step + first_prompt + i)
+                              for i in range(len(samples))]
                 model.eval()
                 with torch.no_grad():
                     completions = model.generate(
                         prompts, model.encode(images, sam=False), num_generations=group, max_new_tokens=config.max_new_tokens,
-                        temperature=config.temperature, top_p=config.top_p, top_k=config.top_k, generator=generator,
+                        temperature=temperature, top_p=config.top_p, top_k=config.top_k, generator=generators,
                     )
                 model.train()
                 texts = model.decode_text(completions)
@@ -234,21 +253,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 if reference is not None:
                     with torch.no_grad():
                         ref_hidden, _ = reference.forward_completions(prompts, reference.encode(images, sam=False), completions)
-                        ref_logp = reference.policy.token_logprobs(ref_hidden, completions.ids, config.temperature)
+                        ref_logp = reference.policy.token_logprobs(ref_hidden, completions.ids, temperature)
             record["time/rollout"] = time.time() - tick
 
             # ---- forward, reward, advantage, loss, step (num_iterations updates per rollout) ---------------
             old_logp = adv = None
             for iteration in range(1 if stage == "align" else config.num_iterations):
-                cache = model.encode(images)
-                sam_rows = cache.sam.repeat_interleave(group, 0)
-                hidden, query_states = model.forward_completions(prompts, cache, completions)
-                logp = model.policy.token_logprobs(hidden, completions.ids, 1.0 if stage == "align" else config.temperature)
-                if model.config.mode == "queries":
-                    low_res, _ = model.masks_from_queries(query_states, sam_rows)
-                else:
-                    low_res, _, _ = model.masks_from_answers(
-                        texts, sam_rows, images.policy_sizes.repeat_interleave(group, 0), images.original_sizes.repeat_interleave(group, 0))
+                logp, low_res = forward(images, prompts, completions, temperature)
                 bce = dice = torch.zeros((), device=device)
                 if low_res.requires_grad:  # (a frozen SAM prompted by the answer has nothing to learn)
                     _, bce, dice = model.segmenter.mask_loss(low_res.view(len(samples), group, *low_res.shape[1:]), gt_masks)
@@ -282,14 +293,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     record.update(policy_loss=policy_loss.item(), kl=stats.kl, clip_fraction=stats.clip_fraction)
                 record.update(loss=loss.item(), bce=bce.item(), dice=dice.item())
                 optimizer.zero_grad(set_to_none=True)
-                if not torch.isfinite(loss):
+                if world.any(not torch.isfinite(loss)):
                     bad_steps += 1
-                    log.write({"step": step, "stage": stage, "skipped": "non-finite loss", "loss": None})
+                    if world.is_main:
+                        log.write({"step": step, "stage": stage, "skipped": "non-finite loss", "loss": None})
                     if bad_steps >= config.max_bad_steps:
                         raise Stop(f"{bad_steps} consecutive non-finite losses at step {step}")
                     break
                 bad_steps = 0
-                loss.backward()
+                loss.backward()  # DDP averages the gradients over processes here
                 grad_norm = torch.nn.utils.clip_grad_norm_(
                     [p for g in optimizer.param_groups for p in g["params"]], config.grad_clip or float("inf"))
                 optimizer.step()
@@ -301,25 +313,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             # ---- log / checkpoint --------------------------------------------------------------------------
             elapsed = time.time() - tick
             tokens = int(completions.mask.sum()) + prompts.attention_mask.sum().item() * group
-            record.update(lr=scheduler.get_last_lr()[0], step_time=elapsed, samples_per_s=len(completions.ids) / elapsed,
-                          tokens_per_s=tokens / elapsed,
+            record.update(lr=scheduler.get_last_lr()[0], step_time=elapsed,
+                          samples_per_s=world.size * len(completions.ids) / elapsed, tokens_per_s=world.size * tokens / elapsed,
                           peak_memory_gb=(torch.cuda.max_memory_allocated() / 2**30) if device.type == "cuda" else None)
-            if step % config.log_every == 0 or step == total_steps:
+            record = world.mean(record)
+            if world.is_main and (step % config.log_every == 0 or step == total_steps):
                 log.write(record)
                 shown = {k: record[k] for k in ("loss", "reward/total/mean", "reward/box/mean", "reward/mask/mean") if k in record}
                 bar.set_postfix({k.split("/")[-2] if "/" in k else k: f"{v:.3f}" for k, v in shown.items()}, refresh=False)
-            if stop_signal:
+            if world.any(bool(stop_signal)):
                 checkpoint()
-                print(f"\nstopped by signal {stop_signal[0]} at step {step}; checkpoint written. Resume with --resume "
-                      f"--output-dir {output_dir}")
+                say(f"\nstopped by a signal at step {step}; checkpoint written. Resume with --resume true "
+                    f"--output-dir {output_dir}", flush=True)
                 return 0
             if step % config.checkpoint_every == 0:
                 checkpoint()
             if time.time() - last_log > 60 and not config.progress:
-                print(f"step {step}/{total_steps} " + json.dumps({k: round(v, 4) for k, v in record.items() if isinstance(v, float)}))
+                say(f"step {step}/{total_steps} " + json.dumps({k: round(v, 4) for k, v in record.items() if isinstance(v, float)}), flush=True)
                 last_log = time.time()
     except Stop as error:
-        print(f"error: {error}; the last good checkpoint is kept under {checkpoints}", file=sys.stderr)
+        say(f"error: {error}; the last good checkpoint is kept under {checkpoints}", file=sys.stderr)
         return 1
     finally:
         bar.close()
@@ -329,16 +342,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     evaluate("stage1" if config.stage2_steps == 0 else "stage2")
     checkpoint("final")
-    wall = wall_before + time.time() - started
-    summary = {"val": [{k: v for k, v in e.items() if k != "full"} for e in val_history], "wall_time_s": wall, "steps": step}
-    if val_full is not None:
-        summary["val_full"] = [{"after": e["after"], **e["full"]} for e in val_history]
-    summary["stage2_box_reward"] = box_reward_rise(log.records())
-    (output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    plot_curves(log.records(), summary["val"], output_dir / "curves.png")
-    log.close()
-    print(summary_table(summary))
-    print(f"wrote {output_dir}/summary.json, metrics.jsonl, curves.png, checkpoints/final")
+    if world.is_main:
+        wall = wall_before + time.time() - started
+        summary = {"val": [{k: v for k, v in e.items() if k != "full"} for e in val_history], "wall_time_s": wall,
+                   "steps": step, "processes": world.size}
+        if val_full is not None:
+            summary["val_full"] = [{"after": e["after"], **e["full"]} for e in val_history]
+        summary["stage2_box_reward"] = box_reward_rise(log.records())
+        (output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        plot_curves(log.records(), summary["val"], output_dir / "curves.png")
+        log.close()
+        say(summary_table(summary))
+        say(f"wrote {output_dir}/summary.json, metrics.jsonl, curves.png, checkpoints/final")
     return 0
 
 

@@ -187,7 +187,7 @@ def test_generate_end_of_turn_truncation_and_mask(model, monkeypatch):
     end, pad = model.policy.end_ids[0], model.policy.pad_id
     step = {"n": 0}
 
-    def scripted(logits, temperature, top_k, top_p, generator=None):
+    def scripted(logits, temperature, top_k, top_p, generator=None, group=1):
         n = step["n"]
         step["n"] += 1
         token = torch.full((logits.shape[0],), 7)

@@ -147,7 +147,7 @@ def test_sigterm_writes_a_checkpoint_and_a_changed_config_is_refused(tmp_path):
     process.send_signal(signal.SIGTERM)
     out, _ = process.communicate(timeout=120)
     assert process.returncode == 0
-    assert "stopped by signal" in out and "--resume" in out
+    assert "stopped by a signal" in out and "--resume" in out
     refused = subprocess.run([*args, "--resume", "true", "--lr", "0.5"], env=env, capture_output=True, text=True)
     assert refused.returncode == 2
     assert "lr: checkpoint 0.0001, now 0.5" in refused.stderr

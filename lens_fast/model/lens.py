@@ -195,6 +195,27 @@ class LensModel(nn.Module):
         queries = self.queries(completions.ids.shape[0]) if self.config.mode == "queries" else None
         return self.policy.forward_completions(prompts, cache.vision, completions.ids, completions.mask, queries)
 
+    def forward(
+        self, images: ImageBatch, prompts: PromptBatch, completions: Completions, temperature: float = 1.0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The training pass over N = B * G completions (row b * G + g answers prompt b): both image
+        encodings once per image, then (per-token log-probs of the completions under
+        softmax(logits / temperature), float32 [N, L]; each completion's mask, low-res logits
+        [N, 4e, 4e]: from the context queries, or in ``prompts`` mode from SAM prompted by the answer)."""
+        group = completions.ids.shape[0] // len(images)
+        cache = self.encode(images)
+        hidden, states = self.forward_completions(prompts, cache, completions)
+        logp = self.policy.token_logprobs(hidden, completions.ids, temperature)
+        sam_rows = cache.sam.repeat_interleave(group, 0)
+        if self.config.mode == "queries":
+            low_res, _ = self.masks_from_queries(states, sam_rows)
+        else:
+            low_res, _, _ = self.masks_from_answers(
+                self.decode_text(completions), sam_rows, images.policy_sizes.repeat_interleave(group, 0),
+                images.original_sizes.repeat_interleave(group, 0),
+            )
+        return logp, low_res
+
     def masks_from_queries(self, query_states: torch.Tensor, sam_embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """LENS: connector token -> SAM. ``query_states`` [N, Q, hidden], ``sam_embeddings`` [N, C, e, e]
         (row i's image) -> (low-res logits [N, 4e, 4e], predicted IoU [N])."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 import inspect
 import logging
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -93,12 +93,17 @@ def mrope_positions(
     return positions, next_position
 
 
+Generators = Union[None, torch.Generator, Sequence[torch.Generator]]
+
+
 def sample_next(
-    logits: torch.Tensor, temperature: float, top_k: int, top_p: float, generator: Optional[torch.Generator] = None
+    logits: torch.Tensor, temperature: float, top_k: int, top_p: float, generator: Generators = None, group: int = 1
 ) -> torch.Tensor:
     """One token per row of float logits [N, V]: greedy when ``temperature`` is 0, else sampled from
     softmax(logits / temperature) restricted to the ``top_k`` most likely tokens (0 = all) and to the
-    smallest set whose probability reaches ``top_p``."""
+    smallest set whose probability reaches ``top_p``. ``generator``: one for all rows, or one per group
+    of ``group`` consecutive rows (a prompt's completions: then a prompt's samples do not depend on
+    which other prompts share the batch, e.g. on how many processes split it)."""
     if temperature == 0:
         return logits.argmax(-1)
     logits = logits.float() / temperature
@@ -111,7 +116,9 @@ def sample_next(
         drop = cumulative - sorted_logits.softmax(-1) >= top_p  # keep tokens until top_p is reached
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
     probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs.split(group), generator)]).squeeze(-1)
 
 
 def check_sampling(num_generations: int, max_new_tokens: int, temperature: float, top_p: float, top_k: int) -> None:
@@ -216,11 +223,14 @@ class Policy(nn.Module):
         temperature: float = 0.0,
         top_p: float = 1.0,
         top_k: int = 0,
-        generator: Optional[torch.Generator] = None,
+        generator: Generators = None,
     ) -> Completions:
         """``num_generations`` completions per prompt with a KV cache: the prompts are prefilled once and
-        their cache repeated for the group. ``temperature`` 0 is greedy."""
+        their cache repeated for the group. ``temperature`` 0 is greedy. ``generator``: one torch
+        generator, or one per prompt (see :func:`sample_next`)."""
         check_sampling(num_generations, max_new_tokens, temperature, top_p, top_k)
+        if generator is not None and not isinstance(generator, torch.Generator) and len(generator) != len(prompts):
+            raise ValueError(f"generator must be one torch.Generator or one per prompt ({len(prompts)}), got {len(generator)}")
         group = num_generations
         cache = DynamicCache(config=self.model.config.text_config)
         hidden = self.run(self.embed_prompts(prompts, image_embeds), prompts.positions, prompts.attention_mask, cache)
@@ -237,7 +247,7 @@ class Policy(nn.Module):
         ends = torch.tensor(self.end_ids, device=device)
         steps = 0
         for step in range(max_new_tokens):
-            token = sample_next(logits, temperature, top_k, top_p, generator)
+            token = sample_next(logits, temperature, top_k, top_p, generator, group)
             token = torch.where(done, self.pad_id, token)
             ids[:, step] = token
             steps = step + 1

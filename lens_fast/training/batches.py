@@ -7,21 +7,25 @@ from typing import Optional
 
 from lens_fast.data import RefSample
 from lens_fast.model import ImageBatch, LensModel
+from lens_fast.training.distributed import World
 
 
 class Batches:
-    """``next(size)``: samples ``position .. position + size - 1`` (modulo the dataset's length) and
-    their :class:`ImageBatch`. ``position`` is where the next batch starts (saved in checkpoints)."""
+    """``next(size)``: this process's share of samples ``position .. position + size - 1`` (modulo the
+    dataset's length; see :meth:`World.share`) and their :class:`ImageBatch`. ``position`` is where the
+    next global batch starts (saved in checkpoints, the same at any process count)."""
 
-    def __init__(self, dataset, model: LensModel, position: int = 0) -> None:
+    def __init__(self, dataset, model: LensModel, position: int = 0, world: Optional[World] = None) -> None:
         self.dataset = dataset
         self.model = model
         self.position = position
+        self.world = world
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batches")
         self._ahead: Optional[tuple[int, int, Future]] = None
 
     def _load(self, position: int, size: int) -> tuple[list[RefSample], ImageBatch]:
-        samples = [self.dataset[(position + i) % len(self.dataset)] for i in range(size)]
+        first, count = self.world.share(size) if self.world is not None else (0, size)
+        samples = [self.dataset[(position + first + i) % len(self.dataset)] for i in range(count)]
         return samples, self.model.prepare_images([s.image for s in samples])
 
     def next(self, size: int) -> tuple[list[RefSample], ImageBatch]:

@@ -6,6 +6,8 @@ import torch
 
 
 def answer_nll(logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Token-mean negative log-likelihood of teacher-forced answers: ``logp`` float [N, L], ``mask`` bool [N, L]."""
+    """Negative log-likelihood of teacher-forced answers, token-mean per answer then mean over answers
+    (so that a batch split over processes averages back to the same value): ``logp`` float [N, L],
+    ``mask`` bool [N, L]."""
     mask = mask.to(logp.dtype)
-    return -(logp * mask).sum() / mask.sum().clamp(min=1)
+    return (-(logp * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
