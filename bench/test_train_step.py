@@ -8,9 +8,10 @@ frozen reference copy, every part trained (``stage2_train`` default), AdamW + cl
   regression in any part shows: ``generate`` (prompts, vision encoding, KV-cached sampling of 32
   completions, decoding), ``reference`` (the frozen copy's log-probs), ``forward-backward`` (SAM + vision
   encoding, teacher-forced pass with the context queries, log-probs, masks, BCE + Dice, rewards,
-  advantages, GRPO loss, backward; the ``whole`` entry splits the reward out), ``reward`` (mask IoU from SAM's low-res logits + LENS reward +
-  advantages), ``optimizer`` (clipping + AdamW + scheduler); ``whole`` is all of it end to end, with
-  each part's time in ``extra_info`` (and printed with ``-s``).
+  advantages, GRPO loss, backward; the ``whole`` entry splits the reward out), ``reward`` (mask IoU
+  from SAM's low-res logits + LENS reward + advantages), ``optimizer`` (clipping + AdamW + scheduler);
+  ``whole`` is all of it end to end, with each part's min time in ``extra_info`` (printed with ``-s``).
+  Ratios printed for this group are whole / part (how many times the part fits in the step).
 - ``reward[...]``: the reward part (``mask_iou_from_low_res`` + ``rollout_rewards``) beside the
   per-completion Python loop reward functions are usually written as (open-r1 / LENS style: parse the
   answer, box IoU in Python, ``F.interpolate`` each mask to the image's size, IoU in torch), asserted equal.
@@ -251,6 +252,15 @@ def rollout(trainer, samples):
     return reference_logprobs(trainer, generate(trainer, samples))
 
 
+def low_res_of(t: Trainer, r: Rollout) -> torch.Tensor:
+    """The rollout's masks (SAM low-res logits [N, 4e, 4e]) from the context queries, without grad."""
+    model = t.model
+    with torch.no_grad():
+        cache = model.encode(r.images)
+        _, states = model.forward_completions(r.prompts, cache, r.completions)
+        return model.masks_from_queries(states, cache.sam.repeat_interleave(t.config.num_generations, 0))[0]
+
+
 def _show(name: str, values: dict) -> None:
     print(f"\n{name}: " + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in values.items()))
 
@@ -271,11 +281,7 @@ def test_step(benchmark, trainer, samples, rollout, part, one_torch_thread):
     elif part == "forward-backward":
         benchmark.pedantic(forward_backward, (trainer, rollout), rounds=ROUNDS)
     elif part == "reward":
-        with torch.no_grad():
-            low_res = trainer.model.masks_from_queries(
-                trainer.model.forward_completions(rollout.prompts, trainer.model.encode(rollout.images), rollout.completions)[1],
-                trainer.model.encode(rollout.images).sam.repeat_interleave(G, 0))[0]
-        benchmark.pedantic(rewards_of, (trainer, rollout, low_res), rounds=ROUNDS * 4)
+        benchmark.pedantic(rewards_of, (trainer, rollout, low_res_of(trainer, rollout)), rounds=ROUNDS * 4)
     elif part == "optimizer":
         forward_backward(trainer, rollout)  # gradients to step with
         benchmark.pedantic(optimizer_step, (trainer,), rounds=ROUNDS * 4)
@@ -335,11 +341,7 @@ def per_completion_reward(texts, low_res, gt_masks, gt_boxes, policy_sizes, orig
 def reward_inputs(trainer, rollout):
     """The step's own low-res masks; 3 of every 4 texts replaced by answers near the true box (a random
     policy seldom writes one), the rest the policy's own samples."""
-    model = trainer.model
-    with torch.no_grad():
-        cache = model.encode(rollout.images)
-        _, states = model.forward_completions(rollout.prompts, cache, rollout.completions)
-        low_res = model.masks_from_queries(states, cache.sam.repeat_interleave(G, 0))[0]
+    low_res = low_res_of(trainer, rollout)
     rng = np.random.default_rng(0)
     texts = list(rollout.texts)
     images = rollout.images
