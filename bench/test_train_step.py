@@ -51,6 +51,7 @@ from lens_fast.data import SyntheticConfig, SyntheticRefDataset
 from lens_fast.model import build_tiny_lens
 from lens_fast.model import prompts as prompt_text
 from lens_fast.training import grpo
+from lens_fast.training.batches import sampling_generators
 from lens_fast.training.config import TrainConfig
 from lens_fast.training.rollout_rewards import mask_iou_from_low_res, rollout_rewards
 
@@ -118,13 +119,13 @@ def generate(t: Trainer, samples, step: int = 0) -> Rollout:
     prompts = model.tokenize_prompts(images, [s.expression for s in samples])
     gt_masks = [torch.from_numpy(s.mask) for s in samples]
     gt_boxes = torch.from_numpy(np.stack([s.box for s in samples]))
-    generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
+    generators = sampling_generators(config.seed, step, step * config.batch_size, len(samples), torch.device("cpu"))
     model.eval()
     with torch.no_grad():
         completions = model.generate(
             prompts, model.encode(images, sam=False), num_generations=config.num_generations,
             max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_p=config.top_p,
-            top_k=config.top_k, generator=generator,
+            top_k=config.top_k, generator=generators,
         )
     model.train()
     texts = model.decode_text(completions)
@@ -155,11 +156,7 @@ def forward_backward(t: Trainer, r: Rollout, times: Optional[dict] = None) -> di
     """train.py's first (and, at num_iterations = 1, only) update of a rollout, up to ``loss.backward()``."""
     model, config, group = t.model, t.config, t.config.num_generations
     start = time.perf_counter()
-    cache = model.encode(r.images)
-    sam_rows = cache.sam.repeat_interleave(group, 0)
-    hidden, query_states = model.forward_completions(r.prompts, cache, r.completions)
-    logp = model.policy.token_logprobs(hidden, r.completions.ids, config.temperature)
-    low_res, _ = model.masks_from_queries(query_states, sam_rows)
+    logp, low_res = model(r.images, r.prompts, r.completions, config.temperature)
     _, bce, dice = model.segmenter.mask_loss(low_res.view(len(r.gt_masks), group, *low_res.shape[1:]), r.gt_masks)
     tock = time.perf_counter()
     rewards, mask_iou, adv = rewards_of(t, r, low_res)

@@ -25,7 +25,7 @@ from tqdm import tqdm
 from lens_fast.data import SyntheticConfig, SyntheticRefDataset
 from lens_fast.model import Completions, LensModel, build_tiny_lens, from_components, from_pretrained
 from lens_fast.training import grpo
-from lens_fast.training.batches import Batches
+from lens_fast.training.batches import Batches, sampling_generators
 from lens_fast.training.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint, set_rng_state
 from lens_fast.training.config import TrainConfig, parse_args
 from lens_fast.training.distributed import World, close_world, data_parallel, init_world
@@ -237,9 +237,7 @@ def train(config: TrainConfig, world: World) -> int:
                 group, temperature = 1, 1.0
             else:
                 group, temperature = config.num_generations, config.temperature
-                # one generator per prompt, seeded by its place in the run: the same samples at any process count
-                generators = [torch.Generator(device=device).manual_seed(config.seed * 1_000_003 + 7919 * step + first_prompt + i)
-                              for i in range(len(samples))]
+                generators = sampling_generators(config.seed, step, first_prompt, len(samples), device)
                 model.eval()
                 with torch.no_grad():
                     completions = model.generate(

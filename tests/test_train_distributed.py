@@ -3,6 +3,7 @@ and its checkpoint resumes in one process."""
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 
@@ -19,8 +20,14 @@ def _env():
     return {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def _torchrun(output, *extra):
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0",
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
             "-m", "lens_fast.train", *ARGS, "--output-dir", str(output), *extra]
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Optional
 
+import torch
+
 from lens_fast.data import RefSample
 from lens_fast.model import ImageBatch, LensModel
 from lens_fast.training.distributed import World
@@ -39,3 +41,10 @@ class Batches:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def sampling_generators(seed: int, step: int, first_prompt: int, count: int, device: torch.device) -> list[torch.Generator]:
+    """One torch generator per prompt, seeded by the prompt's place in the run (``first_prompt``: its
+    global index in the data stream), so a prompt's samples are the same at any process count and
+    after a resume."""
+    return [torch.Generator(device=device).manual_seed(seed * 1_000_003 + 7919 * step + first_prompt + i) for i in range(count)]

@@ -73,7 +73,7 @@ class TrainConfig:
     stage1_batch_size: int = 16
     stage1_lr: float = 7e-4
     stage1_train: tuple = PARTS  # LENS: (queries, connector)
-    sft_weight: float = 1.0  # answer cross-entropy (a random tiny policy cannot write boxes)
+    sft_weight: float = 0.3  # answer cross-entropy (a random tiny policy cannot write boxes)
     # stage 2: GRPO
     stage2_steps: int = 150
     stage2_train: tuple = PARTS  # LENS: everything but SAM's image encoder
