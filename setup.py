@@ -55,8 +55,8 @@ setup(
     long_description=(ROOT / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["lens_fast", "lens_fast.ops", "lens_fast.kernels", "lens_fast.configs"]
-    + [f"lens_fast.{p}" for p in ("rewards", "data", "model") if (ROOT / "lens_fast" / p).is_dir()],
+    packages=["lens_fast", "lens_fast.ops", "lens_fast.kernels", "lens_fast.configs", "lens_fast.rewards",
+              "lens_fast.data", "lens_fast.model", "lens_fast.training"],
     package_dir={"lens_fast": "lens_fast", "lens_fast.kernels": "kernels", "lens_fast.configs": "configs"},
     package_data={"lens_fast.configs": ["*.yaml", "architectures/*.json"]},
     ext_modules=[CMakeExtension("lens_fast._C")],
@@ -72,6 +72,9 @@ setup(
         "pillow>=10",
         "scipy>=1.11",
         "tqdm>=4.60",
+        "pyyaml>=6",
+        "safetensors>=0.4",
+        "tokenizers>=0.20",
     ],
     extras_require={
         "dev": [
@@ -83,6 +86,7 @@ setup(
             "faster-coco-eval>=1.6",
             "torchmetrics>=1.4",
             "trl>=1.0",
+            "matplotlib>=3.7",  # the trainer's curves.png
         ],
         "flash": ["flash-attn>=2.6"],
     },

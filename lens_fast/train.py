@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import logging
 import math
 import signal
 import sys
@@ -56,18 +57,28 @@ def build_datasets(config: TrainConfig):
     return train, val, full
 
 
+def resolve_precision(config: TrainConfig, device: torch.device) -> str:
+    """``auto`` -> bf16-mixed on CUDA (fp32 master weights and AdamW states, bf16 compute), fp32 on CPU."""
+    if config.precision != "auto":
+        return config.precision
+    return "bf16-mixed" if device.type == "cuda" else "fp32"
+
+
 def build_model(config: TrainConfig, device: torch.device, checkpoint: Optional[Path] = None) -> LensModel:
-    """The config's model, or the weights of a training ``checkpoint`` being resumed."""
+    """The config's model (weights in bf16 for ``precision=bf16``, else fp32), or the weights of a
+    training ``checkpoint`` being resumed."""
     model_options = dict(mode=config.mode, prompt_style=config.prompt_style, num_queries=config.num_queries,
                          max_new_tokens=config.max_new_tokens)
+    dtype = torch.bfloat16 if resolve_precision(config, device) == "bf16" else torch.float32
     if checkpoint is not None:
-        model = from_pretrained(checkpoint, device=device)
+        model = from_pretrained(checkpoint, device=device, dtype=dtype)
     elif config.model == "tiny":
-        model = build_tiny_lens(seed=config.seed, **model_options).to(device)
+        model = build_tiny_lens(seed=config.seed, **model_options).to(device=device, dtype=dtype)
     elif config.model == "components":
-        model = from_components(config.qwen_dir, config.sam_checkpoint, config.sam_type, device=device, **model_options)
+        model = from_components(config.qwen_dir, config.sam_checkpoint, config.sam_type, device=device, dtype=dtype,
+                                **model_options)
     else:
-        model = from_pretrained(config.model, device=device)
+        model = from_pretrained(config.model, device=device, dtype=dtype)
     if config.gradient_checkpointing:
         model.policy.model.gradient_checkpointing_enable()
     return model
@@ -117,6 +128,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     world = init_world(config.device)
+    if world.is_main:  # the model layer logs its choices (attention implementation, ...)
+        logging.basicConfig(format="%(name)s: %(message)s")
+        logging.getLogger("lens_fast").setLevel(logging.INFO)
     try:
         return train(config, world)
     finally:
@@ -150,6 +164,8 @@ def train(config: TrainConfig, world: World) -> int:
     # ---- data, model -------------------------------------------------------------------------------------
     torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
+    mixed = resolve_precision(config, device) == "bf16-mixed"
+    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=mixed)  # noqa: E731
     train_set, val_set, val_full = build_datasets(config)
     model = build_model(config, device, resume_from)
     total_steps = config.stage1_steps + config.stage2_steps
@@ -168,9 +184,10 @@ def train(config: TrainConfig, world: World) -> int:
 
     def evaluate(after: str) -> None:
         if world.is_main:
-            entry = {"after": after, "step": step, **validate(model, val_set, size=config.val_size, batch_size=config.val_batch_size)}
-            if val_full is not None:
-                entry["full"] = validate(model, val_full, size=config.val_size, batch_size=config.val_batch_size)
+            with autocast():
+                entry = {"after": after, "step": step, **validate(model, val_set, size=config.val_size, batch_size=config.val_batch_size)}
+                if val_full is not None:
+                    entry["full"] = validate(model, val_full, size=config.val_size, batch_size=config.val_batch_size)
             val_history.append(entry)
             say(f"val after {after}: " + ", ".join(f"{k} {v:.3f}" for k, v in entry.items() if isinstance(v, float)), flush=True)
             log.write({"step": step, "stage": "val", **{f"val/{k}": v for k, v in entry.items() if isinstance(v, float)}})
@@ -239,7 +256,7 @@ def train(config: TrainConfig, world: World) -> int:
                 group, temperature = config.num_generations, config.temperature
                 generators = sampling_generators(config.seed, step, first_prompt, len(samples), device)
                 model.eval()
-                with torch.no_grad():
+                with torch.no_grad(), autocast():
                     completions = model.generate(
                         prompts, model.encode(images, sam=False), num_generations=group, max_new_tokens=config.max_new_tokens,
                         temperature=temperature, top_p=config.top_p, top_k=config.top_k, generator=generators,
@@ -249,7 +266,7 @@ def train(config: TrainConfig, world: World) -> int:
                 loss_mask = completions.mask & ~completions.truncated[:, None] if config.mask_truncated_completions else completions.mask
                 ref_logp = None
                 if reference is not None:
-                    with torch.no_grad():
+                    with torch.no_grad(), autocast():
                         ref_hidden, _ = reference.forward_completions(prompts, reference.encode(images, sam=False), completions)
                         ref_logp = reference.policy.token_logprobs(ref_hidden, completions.ids, temperature)
             record["time/rollout"] = time.time() - tick
@@ -257,7 +274,8 @@ def train(config: TrainConfig, world: World) -> int:
             # ---- forward, reward, advantage, loss, step (num_iterations updates per rollout) ---------------
             old_logp = adv = None
             for iteration in range(1 if stage == "align" else config.num_iterations):
-                logp, low_res = forward(images, prompts, completions, temperature)
+                with autocast():
+                    logp, low_res = forward(images, prompts, completions, temperature)
                 bce = dice = torch.zeros((), device=device)
                 if low_res.requires_grad:  # (a frozen SAM prompted by the answer has nothing to learn)
                     _, bce, dice = model.segmenter.mask_loss(low_res.view(len(samples), group, *low_res.shape[1:]), gt_masks)

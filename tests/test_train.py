@@ -150,7 +150,7 @@ def test_sigterm_writes_a_checkpoint_and_a_changed_config_is_refused(tmp_path):
     assert "stopped by a signal" in out and "--resume" in out
     refused = subprocess.run([*args, "--resume", "true", "--lr", "0.5"], env=env, capture_output=True, text=True)
     assert refused.returncode == 2
-    assert "lr: checkpoint 0.0001, now 0.5" in refused.stderr
+    assert "lr: checkpoint 0.0003, now 0.5" in refused.stderr
 
 
 def test_non_finite_losses_are_skipped_then_stop_the_run(tmp_path, monkeypatch, capsys):
@@ -167,3 +167,15 @@ def test_non_finite_losses_are_skipped_then_stop_the_run(tmp_path, monkeypatch, 
     assert "3 consecutive non-finite losses" in capsys.readouterr().err
     skipped = [r for r in records(tmp_path) if r.get("skipped")]
     assert len(skipped) == 3
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "bf16"])
+def test_reduced_precision_runs_both_stages(tmp_path, precision):
+    """fp32 weights with bf16 autocast, or bf16 weights: the same loop runs (on CPU here; CUDA's default
+    is bf16-mixed) and writes finite losses."""
+    code = run_main(tmp_path, "--stage1-steps", "2", "--stage2-steps", "2", "--precision", precision, "--val-size", "2")
+    assert code == 0
+    log = [r for r in records(tmp_path) if r["stage"] in ("align", "grpo")]
+    assert len(log) == 4 and all(torch.isfinite(torch.tensor(r["loss"])) for r in log)
+    dtype = torch.load(tmp_path / "checkpoints" / "final" / "trainer_state.pt", weights_only=False)["config"]["precision"]
+    assert dtype == precision

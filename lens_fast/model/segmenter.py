@@ -76,6 +76,15 @@ class Segmenter(nn.Module):
         self.prompt_encoder = sam.prompt_encoder
         self.mask_decoder = sam.mask_decoder
 
+    def _apply(self, fn, recurse: bool = True):
+        """``.to(dtype)`` and friends, except that the prompt encoder stays float32: segment_anything
+        multiplies float32 coordinates by its positional-encoding buffer (a dtype error in bf16), and it
+        is a few thousand parameters."""
+        super()._apply(fn, recurse)
+        if self.prompt_encoder.pe_layer.positional_encoding_gaussian_matrix.is_floating_point():
+            self.prompt_encoder.float()
+        return self
+
     @property
     def image_size(self) -> int:
         return int(self.image_encoder.img_size)
@@ -137,7 +146,7 @@ class Segmenter(nn.Module):
             sparse = torch.cat([sparse.to(tokens.dtype), tokens], dim=1)
         masks, iou = self.mask_decoder(
             image_embeddings=image_embeddings,
-            image_pe=pe.get_dense_pe(),
+            image_pe=pe.get_dense_pe().to(image_embeddings.dtype),
             sparse_prompt_embeddings=sparse.to(image_embeddings.dtype),
             dense_prompt_embeddings=dense.to(image_embeddings.dtype),
             multimask_output=False,

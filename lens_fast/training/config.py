@@ -41,6 +41,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto: cuda when available, else cpu
     threads: int = 1  # torch CPU threads (the tiny model's small ops run fastest on one)
+    precision: str = "auto"  # auto (bf16-mixed on CUDA, fp32 on CPU) | fp32 | bf16-mixed (fp32 weights and optimiser, bf16 autocast) | bf16 (bf16 weights: updates below half a bf16 ulp are lost)
     log_every: int = 1  # steps between metrics.jsonl lines
     checkpoint_every: int = 200  # steps; also at each stage's end and on SIGINT/SIGTERM
     max_bad_steps: int = 5  # consecutive non-finite losses that stop the run
@@ -69,7 +70,7 @@ class TrainConfig:
     val_size: int = 200
     val_batch_size: int = 50
     # stage 1: alignment (teacher-forced ground-truth answers)
-    stage1_steps: int = 1500
+    stage1_steps: int = 1600
     stage1_batch_size: int = 16
     stage1_lr: float = 7e-4
     stage1_train: tuple = PARTS  # LENS: (queries, connector)
@@ -79,7 +80,7 @@ class TrainConfig:
     stage2_train: tuple = PARTS  # LENS: everything but SAM's image encoder
     batch_size: int = 4  # prompts per step
     num_generations: int = 8
-    lr: float = 1e-4
+    lr: float = 3e-4
     temperature: float = 0.9
     top_p: float = 0.9
     top_k: int = 50
@@ -119,7 +120,7 @@ class TrainConfig:
             mode=MODES, prompt_style=PROMPT_STYLES, data=("synthetic", "refcoco"), reward=REWARDS,
             reward_aggregation=AGGREGATIONS, scale_rewards=SCALE_REWARDS, loss_type=LOSS_TYPES,
             importance_sampling_level=IMPORTANCE_LEVELS, lr_schedule=("cosine", "constant"),
-            sam_type=("vit_b", "vit_l", "vit_h"), dataset=("refcoco", "refcoco+", "refcocog"),
+            sam_type=("vit_b", "vit_l", "vit_h"), precision=("auto", "fp32", "bf16-mixed", "bf16"), dataset=("refcoco", "refcoco+", "refcocog"),
             plan_weights=PLAN_WEIGHTS, plan_states=PLAN_STATES, plan_attention=PLAN_ATTENTION,
         )
         for name, allowed in choices.items():
