@@ -43,7 +43,8 @@ def native_threads(n: int) -> Iterator[None]:
         lens_fast.set_num_threads(before)
 
 
-def _vm_kib(field: str) -> int:
+def vm_kib(field: str) -> int:
+    """A /proc/self/status field in KiB (VmRSS, VmHWM)."""
     with open("/proc/self/status") as status:
         for line in status:
             if line.startswith(field + ":"):
@@ -58,8 +59,8 @@ def cpu_peak_mib(fn: Callable[[], Any]) -> float:
     try:
         with open("/proc/self/clear_refs", "w") as clear:
             clear.write("5")
-        before = _vm_kib("VmRSS")
+        before = vm_kib("VmRSS")
     except OSError:
         return float("nan")
     fn()
-    return (_vm_kib("VmHWM") - before) / 1024
+    return (vm_kib("VmHWM") - before) / 1024

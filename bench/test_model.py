@@ -8,7 +8,6 @@
   ``per-completion``: the prompt repeated 8 times, each copy encoded and prefilled on its own (what a
   trainer that treats each completion as its own sample does, e.g. TRL's repeated prompts).
 """
-import numpy as np
 import pytest
 import torch
 

@@ -47,6 +47,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from bench_utils import vm_kib
+
 from lens_fast.data import SyntheticConfig, SyntheticRefDataset
 from lens_fast.model import build_tiny_lens
 from lens_fast.model import prompts as prompt_text
@@ -510,14 +512,6 @@ def test_vs_trl(benchmark, trainer, samples, way, tmp_path, one_torch_thread):
 
 
 # ---- peak memory, each side in its own process ---------------------------------------------------------
-def _vm_kib(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise KeyError(field)
-
-
 def _release_free_memory() -> None:
     gc.collect()
     try:
@@ -546,13 +540,13 @@ def _measure_child(way: str, output_dir: str, steps: int, queue) -> None:
         _release_free_memory()
         with open("/proc/self/clear_refs", "w") as clear:
             clear.write("5")
-        before = _vm_kib("VmRSS")
+        before = vm_kib("VmRSS")
         times = []
         for _ in range(steps):
             start = time.perf_counter()
             step()
             times.append(time.perf_counter() - start)
-        peak = _vm_kib("VmHWM")
+        peak = vm_kib("VmHWM")
         close()
         queue.put({"live_mib": before / 1024, "peak_mib": peak / 1024, "step_peak_mib": (peak - before) / 1024,
                    "times": times})

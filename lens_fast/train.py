@@ -85,20 +85,12 @@ def build_model(config: TrainConfig, device: torch.device, checkpoint: Optional[
 
 
 def parameters_of(model: LensModel, parts: Sequence[str]) -> list[torch.nn.Parameter]:
-    """Mark ``parts`` (see ``training.config.PARTS``) trainable, everything else frozen; return them."""
-    groups = {
-        "vision": [model.policy.visual],
-        "llm": [model.policy.language_model, model.policy.lm_head],
-        "queries": [getattr(model, "queries", None)],
-        "connector": [getattr(model, "connector", None)],
-        "sam_encoder": [model.segmenter.image_encoder],
-        "sam_decoder": [model.segmenter.prompt_encoder, model.segmenter.mask_decoder],
-    }
+    """Mark ``parts`` (names of ``LensModel.parts()``) trainable, everything else frozen; return them."""
+    groups = model.parts()
     model.requires_grad_(False)
     for part in parts:
         for module in groups[part]:
-            if module is not None:
-                module.requires_grad_(True)
+            module.requires_grad_(True)
     return [p for p in model.parameters() if p.requires_grad]
 
 

@@ -32,3 +32,13 @@ def pytest_runtest_makereport(item, call):
         for name, value in item.user_properties:
             if name == "seed":
                 item.add_report_section(call.when, "seed", f"LENS_FAST_SEED={value} reproduces this run")
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module of model tests: on a small shared machine, two threads make each of
+    the tiny model's small matmuls ~50x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

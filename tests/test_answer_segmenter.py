@@ -11,12 +11,7 @@ from lens_fast.rewards import parse_answer
 from lens_fast.rewards.adapters import TRLReward, compute_score, compute_score_batch
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

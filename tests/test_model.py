@@ -28,13 +28,7 @@ from lens_fast.model.segmenter import NO_MASK_LOGIT, build_sam
 EXPRESSIONS = ["the red circle", "the blue square on the left of the green triangle"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: on a small shared machine, two threads make each tiny matmul ~50x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ import json
 import numpy as np
 import pycocotools.mask as coco_mask
 import pytest
-import torch
 from PIL import Image
 
 from lens_fast import eval as eval_cli
@@ -12,15 +11,8 @@ from lens_fast import segment as segment_cli
 from lens_fast.data import SyntheticRefDataset
 from lens_fast.model import LensModel, build_tiny_lens
 
-pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = [pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning"),
+              pytest.mark.usefixtures("one_torch_thread")]
 
 
 @pytest.fixture(scope="module")

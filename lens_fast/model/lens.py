@@ -26,6 +26,9 @@ from lens_fast.rewards import parse_answer
 
 log = logging.getLogger("lens_fast.model")
 
+PARTS = ("vision", "llm", "queries", "connector", "sam_encoder", "sam_decoder")
+"""Names of :meth:`LensModel.parts`, the groups a trainer freezes or trains."""
+
 
 @dataclass
 class Segmentation:
@@ -121,6 +124,19 @@ class LensModel(nn.Module):
         from lens_fast.model.build import save_pretrained
 
         save_pretrained(self, directory)
+
+    def parts(self) -> dict[str, list[nn.Module]]:
+        """The model's trainable groups by name (:data:`PARTS`): the policy's vision tower, its language
+        model + LM head, the context queries, the connector, SAM's image encoder, SAM's prompt encoder +
+        mask decoder (queries and connector: empty in ``prompts`` mode)."""
+        extra = {name: [getattr(self, name)] if hasattr(self, name) else [] for name in ("queries", "connector")}
+        return {
+            "vision": [self.policy.visual],
+            "llm": [self.policy.language_model, self.policy.lm_head],
+            **extra,
+            "sam_encoder": [self.segmenter.image_encoder],
+            "sam_decoder": [self.segmenter.prompt_encoder, self.segmenter.mask_decoder],
+        }
 
     @property
     def tokenizer(self):

@@ -14,13 +14,11 @@ import yaml
 
 from lens_fast.data.synthetic import KINDS
 from lens_fast.model.config import MODES
+from lens_fast.model.lens import PARTS
 from lens_fast.model.prompts import PROMPT_STYLES
 from lens_fast.training.grpo import AGGREGATIONS, IMPORTANCE_LEVELS, LOSS_TYPES, SCALE_REWARDS
 from lens_fast.training.rollout_rewards import REWARDS
 
-PARTS = ("vision", "llm", "queries", "connector", "sam_encoder", "sam_decoder")
-"""Trainable groups: the policy's vision tower, its language model (+ LM head), the context queries,
-the connector, SAM's image encoder, SAM's prompt encoder + mask decoder."""
 PLAN_WEIGHTS = ("master", "kahan", "sr")
 PLAN_STATES = ("fp32", "bf16", "8bit")
 PLAN_ATTENTION = ("sdpa", "flash", "eager")

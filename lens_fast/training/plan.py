@@ -65,7 +65,7 @@ and 8-bit states are sound in expectation (Zamirai et al. 2020; Dettmers et al. 
 # ---- the model: exact counts from the meta device -----------------------------------------------------
 @dataclass(frozen=True)
 class ModelFacts:
-    """What the plan needs of the model: parameters per trainable part (``training.config.PARTS``),
+    """What the plan needs of the model: parameters per trainable part (``LensModel.parts()``),
     the largest trainable tensor, and the sizes of the policy, vision tower, connector and SAM."""
 
     name: str
@@ -125,19 +125,12 @@ def model_facts(config: TrainConfig) -> ModelFacts:
 
     lens_config, tokenizer, name = _lens_config(config)
     model = build_lens(lens_config, tokenizer, device="meta")
-    groups = {
-        "vision": [model.policy.visual],
-        "llm": [model.policy.language_model, model.policy.lm_head],
-        "queries": [getattr(model, "queries", None)],
-        "connector": [getattr(model, "connector", None)],
-        "sam_encoder": [model.segmenter.image_encoder],
-        "sam_decoder": [model.segmenter.prompt_encoder, model.segmenter.mask_decoder],
-    }
+    groups = model.parts()
     params, seen, largest = {}, set(), 0
     for part, modules in groups.items():
         count = 0
         for module in modules:
-            for p in ([] if module is None else module.parameters()):
+            for p in module.parameters():
                 if id(p) not in seen:  # tied embeddings count once
                     seen.add(id(p))
                     count += p.numel()
