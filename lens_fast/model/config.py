@@ -7,10 +7,8 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Tuple
+from typing import Tuple
 
 from lens_fast.model.prompts import check_style
 
@@ -100,9 +98,6 @@ class LensConfig:
         text = self.qwen.get("text_config") or self.qwen
         return int(text["hidden_size"])
 
-    def replace(self, **changes: Any) -> "LensConfig":
-        return dataclasses.replace(self, **changes)
-
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -113,20 +108,3 @@ class LensConfig:
         if unknown:
             raise ValueError(f"unknown LensConfig keys {unknown}; known: {sorted(known)}")
         return cls(**values)
-
-    def save(self, path: Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
-
-    @classmethod
-    def load(cls, path: Path) -> "LensConfig":
-        path = Path(path)
-        try:
-            values = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise FileNotFoundError(f"no LENS config at {path}") from None
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path} is not valid JSON: {error}") from None
-        if not isinstance(values, dict):
-            raise ValueError(f"{path} must hold a JSON object, got {type(values).__name__}")
-        return cls.from_dict(values)
-
