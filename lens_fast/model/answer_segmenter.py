@@ -86,19 +86,12 @@ class AnswerSegmenter:
         embedding, (height, width) = self.embedding(image)
         if answer.box is None:
             return np.zeros((height, width), dtype=bool)
-        if self.policy_frame is None:
-            sx = sy = 1.0
-        else:
+        scale = (1.0, 1.0)
+        if self.policy_frame is not None:
             f = self.policy_frame
             h, w = smart_resize(height, width, f.patch_size * f.merge_size, f.min_pixels, f.max_pixels)
-            sx, sy = width / w, height / h
-        size = torch.tensor([[height, width]], device=embedding.device)
-        box = torch.tensor(answer.box, dtype=torch.float64).view(2, 2) * torch.tensor([sx, sy], dtype=torch.float64)
-        box = self.segmenter.to_input_frame(box.float().to(embedding.device)[None], size).view(1, 4)
-        points = None
-        if answer.objects and answer.objects[0].points:
-            pts = torch.tensor(answer.objects[0].points, dtype=torch.float64) * torch.tensor([sx, sy], dtype=torch.float64)
-            points = self.segmenter.to_input_frame(pts.float().to(embedding.device)[None], size)
-        low_res, _ = self.segmenter.decode(embedding, boxes=box, points=points)
-        mask = self.segmenter.masks(low_res[0], (height, width))
-        return mask.cpu().numpy()
+            scale = (width / w, height / h)
+        low_res, _, _ = self.segmenter.decode_answers(
+            embedding, [answer], torch.tensor([scale]), torch.tensor([[height, width]])
+        )
+        return self.segmenter.masks(low_res[0], (height, width)).cpu().numpy()

@@ -20,7 +20,7 @@ from lens_fast.model.config import LensConfig
 from lens_fast.model.connector import Connector, ContextQueries
 from lens_fast.model.image_processing import ImageLike, QwenPatchConfig, load_image, qwen_patches
 from lens_fast.model.policy import Completions, Policy, PromptBatch
-from lens_fast.model.segmenter import NO_MASK_LOGIT, Segmenter
+from lens_fast.model.segmenter import Segmenter
 from lens_fast.model.tokenizer import SPECIAL_TOKENS
 from lens_fast.rewards import parse_answer
 
@@ -244,32 +244,8 @@ class LensModel(nn.Module):
         """Seg-Zero: SAM prompted with each answer's parsed box and points. ``texts`` [N],
         ``sam_embeddings`` [N, C, e, e], sizes int64 [N, 2] -> (low-res logits [N, 4e, 4e] (an answer
         without a box gets an empty mask), predicted IoU [N] (0 there), boxes in original pixels)."""
-        side = self.segmenter.low_res_size
-        device = sam_embeddings.device
-        low_res = torch.full((len(texts), side, side), NO_MASK_LOGIT, device=device, dtype=sam_embeddings.dtype)
-        score = torch.zeros(len(texts), device=device)
-        boxes: list[Optional[tuple]] = [None] * len(texts)
-        scale = (original_sizes / policy_sizes).flip(-1).double()  # (W / w, H / h)
-        by_points: dict[int, list[int]] = {}
-        parsed = [parse_answer(t) for t in texts]
-        for i, answer in enumerate(parsed):
-            if answer.box is not None:
-                boxes[i] = tuple((torch.tensor(answer.box, dtype=torch.float64) * scale[i].repeat(2)).tolist())
-                by_points.setdefault(len(answer.objects[0].points), []).append(i)
-        for count, rows in by_points.items():
-            index = torch.tensor(rows, device=device)
-            sizes = original_sizes[rows].to(device)
-            box = torch.tensor([boxes[i] for i in rows], dtype=torch.float32, device=device).view(-1, 2, 2)
-            points = None
-            if count:
-                pts = torch.tensor([parsed[i].objects[0].points for i in rows], dtype=torch.float64) * scale[rows][:, None]
-                points = self.segmenter.to_input_frame(pts.float().to(device), sizes)
-            masks, iou = self.segmenter.decode(
-                sam_embeddings[index], boxes=self.segmenter.to_input_frame(box, sizes).view(-1, 4), points=points
-            )
-            low_res[index] = masks.to(low_res.dtype)
-            score[index] = iou.float()
-        return low_res, score, boxes
+        scales = (original_sizes / policy_sizes).flip(-1)  # (W / w, H / h)
+        return self.segmenter.decode_answers(sam_embeddings, [parse_answer(t) for t in texts], scales, original_sizes)
 
     def policy_boxes(self, texts: Sequence[str], policy_sizes: torch.Tensor, original_sizes: torch.Tensor) -> list[Optional[tuple]]:
         """Each answer's first box, from the policy's frame to original pixels (None when it gave none)."""

@@ -19,6 +19,7 @@ from lens_fast import ops
 from lens_fast.model.config import SamConfig
 from lens_fast.model.image_processing import SAM_PIXEL_MEAN, SAM_PIXEL_STD, sam_input
 from lens_fast.nn import fuse_mask_decoder
+from lens_fast.rewards import ParsedAnswer
 
 NO_MASK_LOGIT = -100.0
 """Low-res logit of every pixel of a prompt-mode mask whose completion gave no box (an empty mask)."""
@@ -152,6 +153,41 @@ class Segmenter(nn.Module):
             multimask_output=False,
         )
         return masks[:, 0], iou[:, 0]
+
+    def decode_answers(
+        self, image_embeddings: torch.Tensor, answers: Sequence[ParsedAnswer], scales: torch.Tensor, original_sizes: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, list[Optional[tuple]]]:
+        """Seg-Zero's prompting: one mask per parsed answer, SAM prompted with its box and points.
+
+        ``image_embeddings`` [N, C, e, e] (row i is answer i's image); ``scales`` [N, 2] (sx, sy) from the
+        answers' frame to original pixels; ``original_sizes`` int64 [N, 2] (H, W). Returns (low-res
+        logits [N, 4e, 4e]: :data:`NO_MASK_LOGIT` everywhere for an answer without a box, SAM's predicted
+        IoU [N] (0 there), each answer's box in original pixels or None). Answers with the same number of
+        points are decoded together.
+        """
+        count, device = len(answers), image_embeddings.device
+        low_res = torch.full((count, self.low_res_size, self.low_res_size), NO_MASK_LOGIT, device=device,
+                             dtype=image_embeddings.dtype)
+        score = torch.zeros(count, device=device)
+        scales = scales.double().cpu()
+        boxes: list[Optional[tuple]] = [None] * count
+        by_points: dict[int, list[int]] = {}
+        for i, answer in enumerate(answers):
+            if answer.box is not None:
+                boxes[i] = tuple((torch.tensor(answer.box, dtype=torch.float64) * scales[i].repeat(2)).tolist())
+                by_points.setdefault(len(answer.objects[0].points), []).append(i)
+        for points_per_answer, rows in by_points.items():
+            index = torch.tensor(rows, device=device)
+            sizes = original_sizes[rows].to(device)
+            box = torch.tensor([boxes[i] for i in rows], dtype=torch.float32, device=device).view(-1, 2, 2)
+            points = None
+            if points_per_answer:
+                xy = torch.tensor([answers[i].objects[0].points for i in rows], dtype=torch.float64) * scales[rows][:, None]
+                points = self.to_input_frame(xy.float().to(device), sizes)
+            masks, iou = self.decode(image_embeddings[index], boxes=self.to_input_frame(box, sizes).view(-1, 4), points=points)
+            low_res[index] = masks.to(low_res.dtype)
+            score[index] = iou.float()
+        return low_res, score, boxes
 
     def to_input_frame(self, xy: torch.Tensor, original_sizes: torch.Tensor) -> torch.Tensor:
         """Pixel points [N, ..., 2] (x, y) of images with (H, W) ``original_sizes`` [N, 2] -> SAM's square
