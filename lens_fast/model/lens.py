@@ -20,7 +20,7 @@ from lens_fast.model.config import LensConfig
 from lens_fast.model.connector import Connector, ContextQueries
 from lens_fast.model.image_processing import ImageLike, QwenPatchConfig, load_image, qwen_patches
 from lens_fast.model.policy import Completions, Policy, PromptBatch
-from lens_fast.model.segmenter import Segmenter
+from lens_fast.model.segmenter import Segmenter, frame_scales, scaled_box
 from lens_fast.model.tokenizer import SPECIAL_TOKENS
 from lens_fast.rewards import parse_answer
 
@@ -244,17 +244,13 @@ class LensModel(nn.Module):
         """Seg-Zero: SAM prompted with each answer's parsed box and points. ``texts`` [N],
         ``sam_embeddings`` [N, C, e, e], sizes int64 [N, 2] -> (low-res logits [N, 4e, 4e] (an answer
         without a box gets an empty mask), predicted IoU [N] (0 there), boxes in original pixels)."""
-        scales = (original_sizes / policy_sizes).flip(-1)  # (W / w, H / h)
+        scales = frame_scales(policy_sizes, original_sizes)
         return self.segmenter.decode_answers(sam_embeddings, [parse_answer(t) for t in texts], scales, original_sizes)
 
     def policy_boxes(self, texts: Sequence[str], policy_sizes: torch.Tensor, original_sizes: torch.Tensor) -> list[Optional[tuple]]:
         """Each answer's first box, from the policy's frame to original pixels (None when it gave none)."""
-        scale = (original_sizes / policy_sizes).flip(-1).double()
-        out: list[Optional[tuple]] = []
-        for i, text in enumerate(texts):
-            box = parse_answer(text).box
-            out.append(None if box is None else tuple((torch.tensor(box, dtype=torch.float64) * scale[i].repeat(2)).tolist()))
-        return out
+        scales = frame_scales(policy_sizes, original_sizes)
+        return [scaled_box(parse_answer(text), scale) for text, scale in zip(texts, scales)]
 
     def decode_text(self, completions: Completions) -> list[str]:
         """Completion texts, special tokens kept (the grounding answer is written with them), the

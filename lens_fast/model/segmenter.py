@@ -25,6 +25,19 @@ NO_MASK_LOGIT = -100.0
 """Low-res logit of every pixel of a prompt-mode mask whose completion gave no box (an empty mask)."""
 
 
+def frame_scales(from_sizes: torch.Tensor, to_sizes: torch.Tensor) -> torch.Tensor:
+    """float64 (sx, sy) [N, 2] taking pixel coordinates of images of (H, W) ``from_sizes`` [N, 2] to the
+    same images at ``to_sizes`` [N, 2] (e.g. from the policy's frame to the original image)."""
+    return (to_sizes / from_sizes).flip(-1).double()
+
+
+def scaled_box(answer: ParsedAnswer, scale: torch.Tensor) -> Optional[tuple[float, float, float, float]]:
+    """The answer's first xyxy box times ``scale`` (sx, sy), or None when it gave no box."""
+    if answer.box is None:
+        return None
+    return tuple((torch.tensor(answer.box, dtype=torch.float64) * scale.double().cpu().repeat(2)).tolist())
+
+
 def build_sam(config: SamConfig) -> Sam:
     """A randomly initialised ``Sam`` with ``config``'s sizes (segment_anything's ``_build_sam`` layout)."""
     grid = config.embedding_size
@@ -170,11 +183,10 @@ class Segmenter(nn.Module):
                              dtype=image_embeddings.dtype)
         score = torch.zeros(count, device=device)
         scales = scales.double().cpu()
-        boxes: list[Optional[tuple]] = [None] * count
+        boxes = [scaled_box(answer, scale) for answer, scale in zip(answers, scales)]
         by_points: dict[int, list[int]] = {}
         for i, answer in enumerate(answers):
             if answer.box is not None:
-                boxes[i] = tuple((torch.tensor(answer.box, dtype=torch.float64) * scales[i].repeat(2)).tolist())
                 by_points.setdefault(len(answer.objects[0].points), []).append(i)
         for points_per_answer, rows in by_points.items():
             index = torch.tensor(rows, device=device)
