@@ -11,6 +11,7 @@ from scipy import ndimage
 from lens_fast.metrics import sample_iou
 from lens_fast.model.segmenter import Segmenter
 from lens_fast.rewards import RewardOutput, lens_reward, seg_zero_reward, vision_reasoner_reward
+from lens_fast.rewards.batch import total
 
 REWARDS = ("lens", "seg_zero", "vision_reasoner")
 
@@ -32,12 +33,13 @@ def interior_points(mask: np.ndarray, count: int) -> np.ndarray:
     if not mask.any():
         return np.zeros((count, 2), dtype=np.float32)
     depth = ndimage.distance_transform_edt(mask)
+    rows, cols = np.nonzero(mask)
+    radius = max(2.0, 0.25 * max(np.ptp(rows), np.ptp(cols)))
+    ys, xs = np.ogrid[: mask.shape[0], : mask.shape[1]]
     points = []
     for _ in range(count):
         y, x = np.unravel_index(int(depth.argmax()), depth.shape)
         points.append((x + 0.5, y + 0.5))
-        ys, xs = np.ogrid[: mask.shape[0], : mask.shape[1]]
-        radius = max(2.0, 0.25 * max(np.ptp(np.nonzero(mask)[0]), np.ptp(np.nonzero(mask)[1])))
         depth = np.where((ys - y) ** 2 + (xs - x) ** 2 < radius**2, 0, depth)
         if depth.max() <= 0:
             depth = ndimage.distance_transform_edt(mask)
@@ -64,8 +66,7 @@ def rollout_rewards(
     frames = dict(policy_size=policy_sizes, gt_size=original_sizes)
     if name == "lens":
         out = lens_reward(list(texts), gt_boxes, cot=cot, **frames)
-        components = {**out.components, "mask": mask_iou.float().cpu() ** 2}
-        return RewardOutput(sum(components.values()), components)
+        return total({**out.components, "mask": mask_iou.float().cpu() ** 2})
     if name == "seg_zero":
         points = np.stack([interior_points(m.cpu().numpy(), 2) for m in gt_masks])
         return seg_zero_reward(list(texts), gt_boxes, points, **frames)
