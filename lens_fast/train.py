@@ -356,9 +356,10 @@ def train(config: TrainConfig, world: World) -> int:
                    "steps": step, "processes": world.size}
         if val_full is not None:
             summary["val_full"] = [{"after": e["after"], **e["full"]} for e in val_history]
-        summary["stage2_box_reward"] = box_reward_rise(log.records())
+        records = log.records()
+        summary["stage2_box_reward"] = box_reward_rise(records)
         (output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        plot_curves(log.records(), summary["val"], output_dir / "curves.png")
+        plot_curves(records, summary["val"], output_dir / "curves.png")
         log.close()
         say(summary_table(summary))
         say(f"wrote {output_dir}/summary.json, metrics.jsonl, curves.png, checkpoints/final")
