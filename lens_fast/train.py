@@ -24,12 +24,12 @@ import torch
 from tqdm import tqdm
 
 from lens_fast.data import SyntheticConfig, SyntheticRefDataset
-from lens_fast.model import Completions, LensModel, build_tiny_lens, from_components, from_pretrained
+from lens_fast.model import Completions, ImageCache, LensModel, PromptBatch, build_tiny_lens, from_components, from_pretrained
 from lens_fast.training import grpo
-from lens_fast.training.batches import Batches, sampling_generators
+from lens_fast.training.batches import Batches, MicroBatch, micro_batches, sampling_generators
 from lens_fast.training.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint, set_rng_state
 from lens_fast.training.config import TrainConfig, parse_args
-from lens_fast.training.distributed import World, close_world, data_parallel, init_world
+from lens_fast.training.distributed import World, close_world, data_parallel, gradient_sync, init_world
 from lens_fast.training.log import MetricsLog, plot_curves
 from lens_fast.training.losses import answer_nll
 from lens_fast.training.rollout_rewards import mask_iou_from_low_res, rollout_rewards
@@ -199,14 +199,16 @@ def train(config: TrainConfig, world: World) -> int:
         evaluate("start")
     stage = "align" if step < config.stage1_steps else "grpo"
     optimizer = scheduler = reference = forward = None
+    trains_encoders = False  # the stage trains the policy's vision tower or SAM's image encoder
 
     def enter_stage(name: str) -> None:
-        nonlocal optimizer, scheduler, reference, forward
+        nonlocal optimizer, scheduler, reference, forward, trains_encoders
         parts, lr, steps = (
             (config.stage1_train, config.stage1_lr, config.stage1_steps) if name == "align"
             else (config.stage2_train, config.lr, config.stage2_steps)
         )
         optimizer, scheduler = build_optimizer(parameters_of(model, parts), lr, steps, config, device)
+        trains_encoders = any(p.requires_grad for part in ("vision", "sam_encoder") for m in model.parts()[part] for p in m.parameters())
         forward = data_parallel(model, world)  # after the trainable parameters are chosen
         if name == "grpo" and config.beta > 0:  # LENS: the reference is the stage-1 model
             stage1 = checkpoints / "stage1"
@@ -240,68 +242,104 @@ def train(config: TrainConfig, world: World) -> int:
             prompts = model.tokenize_prompts(images, expressions)
             gt_masks = [torch.from_numpy(s.mask).to(device) for s in samples]
             gt_boxes = torch.from_numpy(np.stack([s.box for s in samples]))
+            group = 1 if stage == "align" else config.num_generations
+            passes = micro_batches(len(samples), group, config.micro_batch)
+            cache = None  # image encodings the update passes share (None: each pass encodes its images)
             if stage == "align":
                 ids, mask = model.answer_ids(expressions, gt_boxes, images.policy_sizes, images.original_sizes)
                 completions = Completions(ids, mask, torch.zeros(len(samples), dtype=torch.bool, device=device))
-                group, temperature = 1, 1.0
+                temperature, loss_mask = 1.0, completions.mask
             else:
-                group, temperature = config.num_generations, config.temperature
+                temperature = config.temperature
+                # One encoding serves sampling and the update: without gradient when the encoders are frozen,
+                # with it when they train and one pass takes every row (the graph waits for that backward).
+                with torch.set_grad_enabled(trains_encoders and len(passes) == 1), autocast():
+                    encoding = model.encode(images, sam=not trains_encoders)
+                cache = encoding if not trains_encoders or len(passes) == 1 else None
                 generators = sampling_generators(config.seed, step, first_prompt, len(samples), device)
                 model.eval()
                 with torch.no_grad(), autocast():
                     completions = model.generate(
-                        prompts, model.encode(images, sam=False), num_generations=group, max_new_tokens=config.max_new_tokens,
+                        prompts, encoding.detach(), num_generations=group, max_new_tokens=config.max_new_tokens,
                         temperature=temperature, top_p=config.top_p, top_k=config.top_k, generator=generators,
                     )
                 model.train()
                 texts = model.decode_text(completions)
                 loss_mask = completions.mask & ~completions.truncated[:, None] if config.mask_truncated_completions else completions.mask
                 ref_logp = None
-                if reference is not None:
+                if reference is not None:  # its vision tower is the model's while stage 2 does not train it
                     with torch.no_grad(), autocast():
-                        ref_hidden, _ = reference.forward_completions(prompts, reference.encode(images, sam=False), completions)
-                        ref_logp = reference.policy.token_logprobs(ref_hidden, completions.ids, temperature)
+                        ref_cache = encoding.detach() if "vision" not in config.stage2_train else reference.encode(images, sam=False)
+                        ref_logp = torch.cat([reference_logprobs(reference, prompts, ref_cache, completions, p, temperature) for p in passes])
             record["time/rollout"] = time.time() - tick
 
             # ---- forward, reward, advantage, loss, step (num_iterations updates per rollout) ---------------
-            old_logp = adv = None
+            # Each update runs over ``passes`` (micro-batches of rows) whose losses add up to the step's.
+            rows = len(completions.ids)
+            tokens = world.mean({"tokens": float(loss_mask.sum())})["tokens"] if stage == "grpo" else None  # (DDP averages)
+
+            def pass_forward(p: MicroBatch, cache: Optional[ImageCache]):
+                return forward(images.select(p.prompts), prompts.select(p.prompts), completions.select(p.rows), temperature,
+                               cache=cache.select(p.prompts) if cache is not None else None)
+
+            def score(prompt_ids: list[int], rows: slice, low_res: torch.Tensor) -> dict[str, torch.Tensor]:
+                tock = time.time()
+                scored = score_rollout(config, model, texts[rows], low_res, [gt_masks[i] for i in prompt_ids], gt_boxes[prompt_ids],
+                                       images.policy_sizes[prompt_ids], images.original_sizes[prompt_ids], group)
+                record["time/reward"] = record.get("time/reward", 0.0) + time.time() - tock
+                return scored
+
+            scores: dict[str, torch.Tensor] = {}  # per row: rewards, mask IoU, advantage
+            if stage == "grpo":
+                old_logp = torch.zeros(loss_mask.shape, device=device)
+                group_local = config.scale_rewards != "batch" and config.reward_aggregation == "sum"
+                if len(passes) > 1 and not (group_local and all(p.whole_groups for p in passes)):
+                    with torch.no_grad(), autocast():  # the advantages need rewards from more than one pass first
+                        low_res = torch.cat([pass_forward(p, cache)[1] for p in passes])
+                    scores = score(list(range(len(samples))), slice(0, rows), low_res)
+            scored_ahead = bool(scores)
+            finite = True
             for iteration in range(1 if stage == "align" else config.num_iterations):
-                with autocast():
-                    logp, low_res = forward(images, prompts, completions, temperature)
-                bce = dice = torch.zeros((), device=device)
-                if low_res.requires_grad:  # (a frozen SAM prompted by the answer has nothing to learn)
-                    _, bce, dice = model.segmenter.mask_loss(low_res.view(len(samples), group, *low_res.shape[1:]), gt_masks)
-                if stage == "align":
-                    nll = answer_nll(logp, completions.mask)
-                    loss = config.sft_weight * nll + bce + dice
-                    record.update(answer_nll=nll.item())
-                else:
-                    if iteration == 0:
-                        tock = time.time()
-                        mask_iou = mask_iou_from_low_res(model.segmenter, low_res, gt_masks)
-                        rewards = rollout_rewards(config.reward, texts, mask_iou, gt_masks, gt_boxes, images.policy_sizes,
-                                                  images.original_sizes, cot=config.prompt_style == "cot")
-                        adv = grpo.advantages(rewards.components, group, scale=config.scale_rewards,
-                                              aggregation=config.reward_aggregation).to(device)
-                        old_logp = logp.detach()
-                        record["time/reward"] = time.time() - tock
-                        for name, value in {"total": rewards.reward, **rewards.components}.items():
-                            record[f"reward/{name}/mean"] = float(value.float().mean())
-                            record[f"reward/{name}/std"] = float(value.float().std())
-                        record.update(zero_variance_groups=grpo.zero_variance_fraction(rewards.reward, group),
-                                      mask_iou=float(mask_iou.mean()),
-                                      completion_length=float(completions.lengths.float().mean()),
-                                      truncated=float(completions.truncated.float().mean()))
-                    policy_loss, stats = grpo.policy_loss(
-                        logp, old_logp, adv, loss_mask, ref_logp=ref_logp, beta=config.beta, epsilon=config.epsilon,
-                        epsilon_high=config.epsilon_high, importance_sampling_level=config.importance_sampling_level,
-                        loss_type=config.loss_type, max_completion_length=config.max_new_tokens,
-                    )
-                    loss = policy_loss + config.mask_loss_weight * (bce + dice)
-                    record.update(policy_loss=policy_loss.item(), kl=stats.kl, clip_fraction=stats.clip_fraction)
-                record.update(loss=loss.item(), bce=bce.item(), dice=dice.item())
                 optimizer.zero_grad(set_to_none=True)
-                if world.any(not torch.isfinite(loss)):
+                sums = dict.fromkeys(("loss", "bce", "dice", "answer_nll" if stage == "align" else "policy_loss"), 0.0)
+                kl = clipped = 0.0
+                for p in passes:
+                    share = (p.rows.stop - p.rows.start) / rows
+                    with gradient_sync(forward, p.last):
+                        with autocast():  # a frozen encoding serves every update; one with gradient, the first
+                            logp, low_res = pass_forward(p, cache if iteration == 0 or not trains_encoders else None)
+                        bce = dice = torch.zeros((), device=device)
+                        if low_res.requires_grad:  # (a frozen SAM prompted by the answer has nothing to learn)
+                            _, bce, dice = model.segmenter.mask_loss(low_res.view(len(p.prompts), -1, *low_res.shape[1:]),
+                                                                     [gt_masks[i] for i in p.prompts])
+                            bce, dice = share * bce, share * dice
+                        if stage == "align":
+                            nll = share * answer_nll(logp, completions.mask[p.rows])
+                            loss = config.sft_weight * nll + bce + dice
+                            sums["answer_nll"] += nll.item()
+                        else:
+                            if iteration == 0:
+                                old_logp[p.rows] = logp.detach()
+                                if not scored_ahead:
+                                    for name, value in score(p.prompts, p.rows, low_res).items():
+                                        scores.setdefault(name, torch.zeros(rows, dtype=value.dtype))[p.rows] = value
+                            policy_loss, stats = grpo.policy_loss(
+                                logp, old_logp[p.rows], scores["advantage"][p.rows].to(device), loss_mask[p.rows],
+                                ref_logp=None if ref_logp is None else ref_logp[p.rows], beta=config.beta, epsilon=config.epsilon,
+                                epsilon_high=config.epsilon_high, importance_sampling_level=config.importance_sampling_level,
+                                loss_type=config.loss_type, max_completion_length=config.max_new_tokens, total_rows=rows,
+                                total_tokens=tokens,
+                            )
+                            loss = policy_loss + config.mask_loss_weight * (bce + dice)
+                            pass_tokens = float(loss_mask[p.rows].sum())
+                            sums["policy_loss"] += policy_loss.item()
+                            kl, clipped = kl + stats.kl * pass_tokens, clipped + stats.clip_fraction * pass_tokens
+                        sums.update(loss=sums["loss"] + loss.item(), bce=sums["bce"] + bce.item(), dice=sums["dice"] + dice.item())
+                        finite = not world.any(not torch.isfinite(loss))
+                        if not finite:
+                            break
+                        loss.backward()  # DDP averages the gradients over processes at the last pass
+                if not finite:
                     bad_steps += 1
                     if world.is_main:
                         log.write({"step": step, "stage": stage, "skipped": "non-finite loss", "loss": None})
@@ -309,11 +347,15 @@ def train(config: TrainConfig, world: World) -> int:
                         raise Stop(f"{bad_steps} consecutive non-finite losses at step {step}")
                     break
                 bad_steps = 0
-                loss.backward()  # DDP averages the gradients over processes here
                 grad_norm = torch.nn.utils.clip_grad_norm_(
                     [p for g in optimizer.param_groups for p in g["params"]], config.grad_clip or float("inf"))
                 optimizer.step()
-                record["grad_norm"] = float(grad_norm)
+                record.update(sums, grad_norm=float(grad_norm))
+                if stage == "grpo":
+                    local_tokens = max(1.0, float(loss_mask.sum()))
+                    record.update(kl=kl / local_tokens, clip_fraction=clipped / local_tokens)
+                    if iteration == 0:
+                        record.update(rollout_record(scores, group, completions))
             scheduler.step()
             step += 1
             bar.update(1)
@@ -364,6 +406,36 @@ def train(config: TrainConfig, world: World) -> int:
         say(summary_table(summary))
         say(f"wrote {output_dir}/summary.json, metrics.jsonl, curves.png, checkpoints/final")
     return 0
+
+
+def reference_logprobs(reference: LensModel, prompts: PromptBatch, cache: ImageCache, completions: Completions,
+                       rows: MicroBatch, temperature: float) -> torch.Tensor:
+    """The reference policy's log-probs [n, L] of the completions in ``rows``."""
+    hidden, _ = reference.forward_completions(prompts.select(rows.prompts), cache.select(rows.prompts), completions.select(rows.rows))
+    return reference.policy.token_logprobs(hidden, completions.ids[rows.rows], temperature)
+
+
+def score_rollout(config: TrainConfig, model: LensModel, texts: Sequence[str], low_res: torch.Tensor,
+                  gt_masks: Sequence[torch.Tensor], gt_boxes: torch.Tensor, policy_sizes: torch.Tensor,
+                  original_sizes: torch.Tensor, group: int) -> dict[str, torch.Tensor]:
+    """Rewards and advantages of n = B * G rows (whole groups; ``low_res`` [n, 4e, 4e] their masks):
+    ``total``, each reward component, ``mask_iou`` and ``advantage``, float [n] on the CPU."""
+    mask_iou = mask_iou_from_low_res(model.segmenter, low_res, gt_masks)
+    rewards = rollout_rewards(config.reward, texts, mask_iou, gt_masks, gt_boxes, policy_sizes, original_sizes,
+                              cot=config.prompt_style == "cot")
+    advantages = grpo.advantages(rewards.components, group, scale=config.scale_rewards, aggregation=config.reward_aggregation)
+    return {"total": rewards.reward, **rewards.components, "mask_iou": mask_iou.cpu(), "advantage": advantages}
+
+
+def rollout_record(scores: dict[str, torch.Tensor], group: int, completions: Completions) -> dict[str, float]:
+    """The logged statistics of a rollout's rewards and completions."""
+    record = {}
+    for name, value in scores.items():
+        if name not in ("mask_iou", "advantage"):
+            record[f"reward/{name}/mean"], record[f"reward/{name}/std"] = float(value.float().mean()), float(value.float().std())
+    return {**record, "zero_variance_groups": grpo.zero_variance_fraction(scores["total"], group),
+            "mask_iou": float(scores["mask_iou"].mean()), "completion_length": float(completions.lengths.float().mean()),
+            "truncated": float(completions.truncated.float().mean())}
 
 
 def box_reward_rise(records: list[dict]) -> Optional[dict]:

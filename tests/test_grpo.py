@@ -114,3 +114,23 @@ def test_bad_options_are_named():
         grpo.policy_loss(logp, logp.detach(), adv, mask, importance_sampling_level="word")
     with pytest.raises(ValueError, match="scale_rewards"):
         grpo.advantages({"r": torch.zeros(2)}, 2, scale="std")
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo"])
+def test_micro_batches_add_up_to_the_whole_step(loss_type):
+    """Rows split into micro-batches (or processes) with the step's totals give the whole loss and gradient."""
+    generator = torch.Generator().manual_seed(3)
+    logp = (-torch.rand(6, 5, generator=generator)).requires_grad_()
+    old = logp.detach() + 0.3 * torch.randn(6, 5, generator=generator)
+    ref = logp.detach() + 0.1 * torch.randn(6, 5, generator=generator)
+    adv = torch.randn(6, generator=generator)
+    mask = torch.rand(6, 5, generator=generator) > 0.3
+    options = dict(loss_type=loss_type, beta=0.04, epsilon_high=0.28, max_completion_length=7)
+    whole, _ = grpo.policy_loss(logp, old, adv, mask, ref_logp=ref, **options)
+    (whole_grad,) = torch.autograd.grad(whole, logp)
+    parts = [grpo.policy_loss(logp[rows], old[rows], adv[rows], mask[rows], ref_logp=ref[rows], total_rows=6,
+                              total_tokens=float(mask.sum()), **options)[0] for rows in (slice(0, 1), slice(1, 4), slice(4, 6))]
+    (parts_grad,) = torch.autograd.grad(sum(parts), logp)
+    torch.testing.assert_close(sum(parts), whole)
+    torch.testing.assert_close(parts_grad, whole_grad)
+    assert not torch.allclose(parts[0], whole)  # the split is not trivial

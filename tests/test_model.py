@@ -51,10 +51,6 @@ def prepared(model, images, expressions):
     return batch, model.tokenize_prompts(batch, expressions), model.encode(batch)
 
 
-def subset(completions, rows):
-    return Completions(completions.ids[rows], completions.mask[rows], completions.truncated[rows])
-
-
 # ---- shapes and the trainer's invariants -------------------------------------------------------------
 def test_forward_shapes(model):
     images = pictures()
@@ -112,11 +108,34 @@ def test_logprobs_batched_with_left_padding_equal_each_row_alone(model):
         for b in range(2):
             rows = slice(3 * b, 3 * b + 3)
             _, p, c = prepared(model, images[b : b + 1], EXPRESSIONS[b : b + 1])
-            alone = subset(completions, rows)
+            alone = completions.select(rows)
             h, s = model.forward_completions(p, c, alone)
             torch.testing.assert_close(model.policy.token_logprobs(h, alone.ids)[alone.mask], logprobs[rows][alone.mask],
                                        rtol=0, atol=1e-5)
             torch.testing.assert_close(s, states[rows], rtol=0, atol=1e-5)
+
+
+def test_training_pass_over_selected_prompts_and_a_shared_encoding(model):
+    """A micro-batch (ImageBatch / PromptBatch / ImageCache / Completions ``select``) gives the full pass's
+    rows, and a given encoding (its SAM part computed there when empty) gives the pass that encodes itself."""
+    images = pictures(4, sizes=((100, 150), (77, 33), (64, 91)))
+    expressions = [*EXPRESSIONS, "the thing at the bottom"]
+    batch, prompts, cache = prepared(model, images, expressions)
+    completions = model.generate(prompts, cache, num_generations=2, max_new_tokens=8, temperature=1.0,
+                                 generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        logp, low_res = model(batch, prompts, completions)
+        for picked, rows in (([2], slice(4, 6)), ([0, 2], None), ([1], slice(2, 3))):
+            part = completions.select(rows) if rows is not None else Completions(
+                *(t[[0, 1, 4, 5]] for t in (completions.ids, completions.mask, completions.truncated)))
+            expected = [0, 1, 4, 5] if rows is None else list(range(rows.start, rows.stop))
+            for given in (None, cache.select(picked), model.encode(batch, sam=False).select(picked)):
+                p_logp, p_low_res = model(batch.select(picked), prompts.select(picked), part, cache=given)
+                mask = part.mask
+                torch.testing.assert_close(p_logp[mask], logp[expected][mask], rtol=0, atol=1e-5)
+                torch.testing.assert_close(p_low_res, low_res[expected], rtol=0, atol=1e-4)
+    assert batch.select([0, 1, 2]) is batch and prompts.select(range(3)) is prompts and cache.select([0, 1, 2]) is cache
+    assert batch.select([2]).pixel_values.shape[0] == int(batch.grid_thw[2].prod())
 
 
 def test_mask_logits_change_with_the_expression(model):

@@ -55,15 +55,39 @@ class ImageBatch:
     def __len__(self) -> int:
         return len(self.images)
 
+    def select(self, indices: Sequence[int]) -> "ImageBatch":
+        """The images at ``indices`` (in that order), patches included; ``self`` when that is all of them."""
+        if list(indices) == list(range(len(self))):
+            return self
+        counts = self.grid_thw.prod(-1).tolist()
+        starts = np.concatenate([[0], np.cumsum(counts)]).tolist()
+        patches = [self.pixel_values[starts[i] : starts[i] + counts[i]] for i in indices]
+        return ImageBatch(
+            images=[self.images[i] for i in indices],
+            original_sizes=self.original_sizes[list(indices)],
+            policy_sizes=self.policy_sizes[list(indices)],
+            pixel_values=torch.cat(patches) if patches else self.pixel_values[:0],
+            grid_thw=self.grid_thw[list(indices)],
+        )
+
 
 @dataclass
 class ImageCache:
     """One encoding per image, shared by every completion of its group and every pass over them:
     ``vision``: the policy's image tokens, one [n_i, hidden] per image; ``sam``: SAM's image
-    embeddings [B, C, e, e]."""
+    embeddings [B, C, e, e], or an empty tensor when not computed (``encode(..., sam=False)``)."""
 
     vision: list[torch.Tensor]
     sam: torch.Tensor
+
+    def select(self, indices: Sequence[int]) -> "ImageCache":
+        """The encodings of the images at ``indices``; ``self`` when that is all of them."""
+        if list(indices) == list(range(len(self.vision))):
+            return self
+        return ImageCache([self.vision[i] for i in indices], self.sam[list(indices)] if self.sam.numel() else self.sam)
+
+    def detach(self) -> "ImageCache":
+        return ImageCache([v.detach() for v in self.vision], self.sam.detach())
 
 
 def check_expressions(expressions: object, count: int) -> list[str]:
@@ -212,14 +236,19 @@ class LensModel(nn.Module):
         return self.policy.forward_completions(prompts, cache.vision, completions.ids, completions.mask, queries)
 
     def forward(
-        self, images: ImageBatch, prompts: PromptBatch, completions: Completions, temperature: float = 1.0
+        self, images: ImageBatch, prompts: PromptBatch, completions: Completions, temperature: float = 1.0,
+        cache: Optional[ImageCache] = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The training pass over N = B * G completions (row b * G + g answers prompt b): both image
-        encodings once per image, then (per-token log-probs of the completions under
-        softmax(logits / temperature), float32 [N, L]; each completion's mask, low-res logits
-        [N, 4e, 4e]: from the context queries, or in ``prompts`` mode from SAM prompted by the answer)."""
+        encodings once per image (or those of ``cache``; an empty ``cache.sam`` is computed here), then
+        (per-token log-probs of the completions under softmax(logits / temperature), float32 [N, L];
+        each completion's mask, low-res logits [N, 4e, 4e]: from the context queries, or in ``prompts``
+        mode from SAM prompted by the answer)."""
         group = completions.ids.shape[0] // len(images)
-        cache = self.encode(images)
+        if cache is None:
+            cache = self.encode(images)
+        elif not cache.sam.numel():
+            cache = ImageCache(cache.vision, self.segmenter.embed_images(images.images))
         hidden, states = self.forward_completions(prompts, cache, completions)
         logp = self.policy.token_logprobs(hidden, completions.ids, temperature)
         sam_rows = cache.sam.repeat_interleave(group, 0)

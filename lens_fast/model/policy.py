@@ -38,6 +38,13 @@ class PromptBatch:
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
 
+    def select(self, indices: Sequence[int]) -> "PromptBatch":
+        """The prompts at ``indices`` (same padded length P); ``self`` when that is all of them."""
+        rows = list(indices)
+        if rows == list(range(len(self))):
+            return self
+        return PromptBatch(self.input_ids[rows], self.attention_mask[rows], self.positions[:, rows], self.next_position[rows])
+
 
 @dataclass
 class Completions:
@@ -55,6 +62,10 @@ class Completions:
     @property
     def lengths(self) -> torch.Tensor:
         return self.mask.sum(1)
+
+    def select(self, rows: slice) -> "Completions":
+        """Rows ``rows`` (same padded length L)."""
+        return Completions(self.ids[rows], self.mask[rows], self.truncated[rows])
 
 
 def mrope_positions(

@@ -3,6 +3,7 @@ background thread, so that scene generation and image preprocessing overlap the 
 from __future__ import annotations
 
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -48,3 +49,31 @@ def sampling_generators(seed: int, step: int, first_prompt: int, count: int, dev
     global index in the data stream), so a prompt's samples are the same at any process count and
     after a resume."""
     return [torch.Generator(device=device).manual_seed(seed * 1_000_003 + 7919 * step + first_prompt + i) for i in range(count)]
+
+
+@dataclass(frozen=True)
+class MicroBatch:
+    """One forward/backward pass of a step: the rows ``rows`` (completion ``b * G + g`` answers prompt
+    b), which answer the prompts ``prompts``; ``last``: the step's last pass."""
+
+    prompts: list[int]
+    rows: slice
+    last: bool
+    whole_groups: bool  # every group of ``prompts`` lies in this pass (its advantages need no other pass)
+
+
+def micro_batches(num_prompts: int, group: int, rows_per_pass: int) -> list[MicroBatch]:
+    """The passes of a step over ``num_prompts * group`` rows, ``rows_per_pass`` rows each (0, or at
+    least all the rows: one pass). ``rows_per_pass`` must be a multiple of ``group`` (whole groups per
+    pass) or divide it (a group over several passes); ValueError otherwise."""
+    rows = num_prompts * group
+    if rows_per_pass <= 0 or rows_per_pass >= rows:
+        return [MicroBatch(list(range(num_prompts)), slice(0, rows), True, True)]
+    if rows_per_pass % group and group % rows_per_pass:
+        raise ValueError(f"micro_batch {rows_per_pass} must be a multiple or a divisor of the group size {group}")
+    passes = []
+    for start in range(0, rows, rows_per_pass):
+        stop = min(rows, start + rows_per_pass)
+        passes.append(MicroBatch(list(range(start // group, (stop - 1) // group + 1)), slice(start, stop), stop == rows,
+                                  rows_per_pass % group == 0))
+    return passes

@@ -17,8 +17,9 @@ from lens_fast.model import LensModel
 
 STATE_FILE = "trainer_state.pt"
 VERSION = 1
-COMPATIBLE_KEYS_IGNORED = ("output_dir", "resume", "progress", "log_every", "checkpoint_every", "device", "max_bad_steps")
-"""Config keys that may change between a run and its resumption."""
+COMPATIBLE_KEYS_IGNORED = ("output_dir", "resume", "progress", "log_every", "checkpoint_every", "device", "max_bad_steps",
+                           "threads", "micro_batch")
+"""Config keys that may change between a run and its resumption (they change where and how, not what, is computed)."""
 
 
 def rng_state() -> dict:

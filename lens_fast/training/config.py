@@ -54,6 +54,7 @@ class TrainConfig:
     num_queries: int = 16
     max_new_tokens: int = 40
     gradient_checkpointing: bool = False
+    micro_batch: int = 0  # rows (completions) per forward/backward pass; 0: all of the process's rows at once
     # data
     data: str = "synthetic"  # synthetic | refcoco
     synthetic_kinds: tuple = ("attribute",)
@@ -137,7 +138,7 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("stage1_steps", "stage2_steps", "val_size", "warmup_steps", "seed", "top_k",
-                     "plan_completion_tokens", "plan_micro_batch"):
+                     "plan_completion_tokens", "plan_micro_batch", "micro_batch"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("stage1_lr", "lr", "weight_decay", "grad_clip", "beta", "epsilon", "sft_weight", "mask_loss_weight"):
@@ -151,6 +152,9 @@ class TrainConfig:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if not self.temperature > 0:
             raise ValueError(f"temperature must be > 0 (sampling), got {self.temperature}")
+        if self.micro_batch and self.stage2_steps and self.micro_batch % self.num_generations and self.num_generations % self.micro_batch:
+            raise ValueError(f"micro_batch must be a multiple or a divisor of num_generations {self.num_generations} "
+                             f"(a pass holds whole groups, or a group spans whole passes), got {self.micro_batch}")
         if self.num_generations < 2 and self.stage2_steps:
             raise ValueError(f"num_generations must be >= 2 for GRPO (a group of 1 has no advantage), got {self.num_generations}")
 

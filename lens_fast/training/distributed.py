@@ -8,9 +8,10 @@ checkpoints (which resume at any process count: data positions and sampling seed
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
-from typing import Optional
+from typing import ContextManager, Optional
 
 import torch
 import torch.distributed as dist
@@ -85,3 +86,11 @@ def data_parallel(module: nn.Module, world: World) -> nn.Module:
         return module
     ids: Optional[list[int]] = [world.device.index] if world.device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(module, device_ids=ids, find_unused_parameters=True)
+
+
+def gradient_sync(module: nn.Module, enabled: bool) -> ContextManager:
+    """A context for one backward of a step split into micro-batches: DDP reduces gradients only when
+    ``enabled`` (the step's last backward); the others accumulate locally (``no_sync``)."""
+    if enabled or not isinstance(module, nn.parallel.DistributedDataParallel):
+        return contextlib.nullcontext()
+    return module.no_sync()

@@ -77,6 +77,8 @@ def policy_loss(
     importance_sampling_level: str = "token",
     loss_type: str = "grpo",
     max_completion_length: int | None = None,
+    total_rows: int | None = None,
+    total_tokens: float | None = None,
 ) -> tuple[torch.Tensor, PolicyLossStats]:
     """The clipped GRPO surrogate + beta * k3 KL, aggregated by ``loss_type``.
 
@@ -87,6 +89,11 @@ def policy_loss(
     -min(r A, clip(r, 1 - epsilon, 1 + epsilon_high) A); k3 KL exp(ref - logp) - (ref - logp) - 1.
     ``loss_type``: ``grpo`` token-mean per sequence then mean (LENS), ``dapo`` sum over every token
     / token count, ``dr_grpo`` sum / (N * max_completion_length).
+
+    When these N rows are one micro-batch of a larger step (or one process's share under data
+    parallel), ``total_rows`` / ``total_tokens`` are the step's row and token counts that the means
+    divide by (default: this call's), so the micro-batches' losses add up to the whole step's loss.
+    Under DDP, which averages gradients over P processes, pass ``total_tokens`` = global tokens / P.
     """
     if importance_sampling_level not in IMPORTANCE_LEVELS:
         raise ValueError(f"importance_sampling_level must be one of {IMPORTANCE_LEVELS}, got {importance_sampling_level!r}")
@@ -110,13 +117,15 @@ def policy_loss(
         delta = ref_logp - logp
         kl = torch.exp(delta) - delta - 1
         per_token = per_token + beta * kl
+    rows = logp.shape[0] if total_rows is None else total_rows
     if loss_type == "grpo":
-        loss = ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
+        loss = ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).sum() / max(rows, 1)
     elif loss_type == "dapo":
-        loss = (per_token * mask).sum() / mask.sum().clamp(min=1)
+        tokens = mask.sum() if total_tokens is None else torch.tensor(float(total_tokens), device=logp.device)
+        loss = (per_token * mask).sum() / tokens.clamp(min=1)
     else:
         length = max_completion_length or logp.shape[1]
-        loss = (per_token * mask).sum() / (logp.shape[0] * length)
+        loss = (per_token * mask).sum() / (max(rows, 1) * length)
     with torch.no_grad():
         tokens = mask.sum().clamp(min=1)
         is_clipped = ((ratio < 1 - epsilon) & (adv < 0)) | ((ratio > 1 + epsilon_high) & (adv > 0))
