@@ -10,7 +10,10 @@ frozen reference copy, every part trained (``stage2_train`` default), AdamW + cl
   encoding, teacher-forced pass with the context queries, log-probs, masks, BCE + Dice, rewards,
   advantages, GRPO loss, backward; the ``whole`` entry splits the reward out), ``reward`` (mask IoU
   from SAM's low-res logits + LENS reward + advantages), ``optimizer`` (clipping + AdamW + scheduler);
-  ``whole`` is all of it end to end, with each part's min time in ``extra_info`` (printed with ``-s``).
+  ``whole`` is all of it end to end as train.py runs it (the policy's vision encoding made once, with its
+  graph, before sampling and reused by the update; the ``forward-backward`` part alone encodes its own
+  images), with each part's min time in ``extra_info`` (printed with ``-s``); ``whole, encoding twice``
+  is the step with a no-grad encoding for sampling and another in the update (before the shared one).
   Ratios printed for this group are whole / part (how many times the part fits in the step).
 - ``reward[...]``: the reward part (``mask_iou_from_low_res`` + ``rollout_rewards``) beside the
   per-completion Python loop reward functions are usually written as (open-r1 / LENS style: parse the
@@ -50,7 +53,7 @@ import torch.nn.functional as F
 from bench_utils import vm_kib
 
 from lens_fast.data import SyntheticConfig, SyntheticRefDataset
-from lens_fast.model import build_tiny_lens
+from lens_fast.model import ImageCache, build_tiny_lens
 from lens_fast.model import prompts as prompt_text
 from lens_fast.training import grpo
 from lens_fast.training.batches import sampling_generators
@@ -112,27 +115,33 @@ class Rollout:
     gt_masks: list
     gt_boxes: torch.Tensor
     ref_logp: Optional[torch.Tensor] = None
+    cache: Optional[ImageCache] = None  # the vision encoding with its graph, for the update (shared encoding)
 
 
-def generate(t: Trainer, samples, step: int = 0) -> Rollout:
-    """train.py's rollout up to the decoded texts (images prepared, prompts tokenized, G samples each)."""
+def generate(t: Trainer, samples, step: int = 0, share_encoding: bool = False) -> Rollout:
+    """train.py's rollout up to the decoded texts (images prepared, prompts tokenized, G samples each).
+    ``share_encoding`` (train.py's way): the vision encoding is computed with its graph and kept for the
+    update; otherwise sampling encodes without grad and the update encodes again."""
     model, config = t.model, t.config
     images = model.prepare_images([s.image for s in samples])
     prompts = model.tokenize_prompts(images, [s.expression for s in samples])
     gt_masks = [torch.from_numpy(s.mask) for s in samples]
     gt_boxes = torch.from_numpy(np.stack([s.box for s in samples]))
     generators = sampling_generators(config.seed, step, step * config.batch_size, len(samples), torch.device("cpu"))
+    with torch.set_grad_enabled(share_encoding):
+        encoding = model.encode(images, sam=False)
     model.eval()
     with torch.no_grad():
         completions = model.generate(
-            prompts, model.encode(images, sam=False), num_generations=config.num_generations,
+            prompts, encoding.detach(), num_generations=config.num_generations,
             max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_p=config.top_p,
             top_k=config.top_k, generator=generators,
         )
     model.train()
     texts = model.decode_text(completions)
     loss_mask = completions.mask & ~completions.truncated[:, None] if config.mask_truncated_completions else completions.mask
-    return Rollout(images, prompts, completions, texts, loss_mask, gt_masks, gt_boxes)
+    return Rollout(images, prompts, completions, texts, loss_mask, gt_masks, gt_boxes,
+                   cache=encoding if share_encoding else None)
 
 
 def reference_logprobs(t: Trainer, r: Rollout) -> Rollout:
@@ -155,10 +164,12 @@ def rewards_of(t: Trainer, r: Rollout, low_res: torch.Tensor):
 
 
 def forward_backward(t: Trainer, r: Rollout, times: Optional[dict] = None) -> dict:
-    """train.py's first (and, at num_iterations = 1, only) update of a rollout, up to ``loss.backward()``."""
+    """train.py's first (and, at num_iterations = 1, only) update of a rollout, up to ``loss.backward()``
+    (with the rollout's vision encoding when it kept one: used once, its graph goes with the backward)."""
     model, config, group = t.model, t.config, t.config.num_generations
     start = time.perf_counter()
-    logp, low_res = model(r.images, r.prompts, r.completions, config.temperature)
+    logp, low_res = model(r.images, r.prompts, r.completions, config.temperature, cache=r.cache)
+    r.cache = None
     _, bce, dice = model.segmenter.mask_loss(low_res.view(len(r.gt_masks), group, *low_res.shape[1:]), r.gt_masks)
     tock = time.perf_counter()
     rewards, mask_iou, adv = rewards_of(t, r, low_res)
@@ -194,7 +205,8 @@ def forward_backward_policy_only(t: Trainer, r: Rollout, times: Optional[dict] =
 
     model, config, group = t.model, t.config, t.config.num_generations
     start = time.perf_counter()
-    vision = model.encode(r.images, sam=False).vision
+    vision = (r.cache or model.encode(r.images, sam=False)).vision
+    r.cache = None
     hidden, _ = model.policy.forward_completions(r.prompts, vision, r.completions.ids, r.completions.mask)
     logp = model.policy.token_logprobs(hidden, r.completions.ids, config.temperature)
     tock = time.perf_counter()
@@ -214,11 +226,12 @@ def forward_backward_policy_only(t: Trainer, r: Rollout, times: Optional[dict] =
     return {"loss": loss.item(), "kl": stats.kl, "reward/total/mean": float(rewards.reward.float().mean())}
 
 
-def whole_step(t: Trainer, samples, step: int = 0, times: Optional[dict] = None, policy_only: bool = False) -> dict:
+def whole_step(t: Trainer, samples, step: int = 0, times: Optional[dict] = None, policy_only: bool = False,
+               share_encoding: bool = True) -> dict:
     """One stage-2 step; ``times`` gets each part's seconds."""
     times = {} if times is None else times
     clock = time.perf_counter()
-    r = generate(t, samples, step)
+    r = generate(t, samples, step, share_encoding)
     times["generate"] = time.perf_counter() - clock
     clock = time.perf_counter()
     reference_logprobs(t, r)
@@ -265,7 +278,7 @@ def _show(name: str, values: dict) -> None:
 
 
 # ---- the step, part by part ---------------------------------------------------------------------------
-PARTS = ("generate", "reference", "forward-backward", "reward", "optimizer", "whole")
+PARTS = ("generate", "reference", "forward-backward", "reward", "optimizer", "whole", "whole, encoding twice")
 
 
 @pytest.mark.parametrize("part", PARTS)
@@ -289,7 +302,7 @@ def test_step(benchmark, trainer, samples, rollout, part, one_torch_thread):
 
         def run():
             times: dict = {}
-            record = whole_step(trainer, samples, times=times)
+            record = whole_step(trainer, samples, times=times, share_encoding=part == "whole")
             for k, v in times.items():
                 best[k] = min(best.get(k, float("inf")), v)
             return record
@@ -298,7 +311,7 @@ def test_step(benchmark, trainer, samples, rollout, part, one_torch_thread):
         benchmark.extra_info.update({f"min_s/{k}": v for k, v in best.items()})
         benchmark.extra_info["completion_length"] = record["completion_length"]
         assert np.isfinite(record["loss"])
-        _show("whole step, min time of each part", best)
+        _show(f"{part} step, min time of each part", best)
 
 
 # ---- the reward part beside the per-completion Python loop ----------------------------------------------
