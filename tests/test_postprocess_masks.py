@@ -234,7 +234,9 @@ def test_triton_gpu_tiling_under_interpreter(rng, monkeypatch, case):
     )
     ref = sam_reference(low, input_size, original_size, image_size)
     out = postprocess_masks(low, input_size, original_size, image_size=image_size, backend="triton")
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    # logits reach ~16, where a float32 ulp is 1.9e-6; the downsampling case sums more taps than torch in
+    # another order (seed 1610121483 gave 1.04e-5): 2e-5 is ~10 ulps
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=2e-5)
     assert_stats_match(low, gt, input_size, original_size, 0.0, image_size, "triton")
 
 
