@@ -15,10 +15,12 @@ row's logits x from a window of 3 low-res rows already resized along x), so no f
   (low-res rows base + 0..2, still at output columns, registers only); when the window's base
   moves, the rows it leaves are finished for this program and are contracted along x by atomic
   float32 adds of ``acc * column weight`` into ``grad [M, h, w]`` (the program's columns share
-  low-res columns, and neighbouring programs share border rows and columns). About 1.2 atomics per
-  output pixel for SAM's 256 -> 1024 -> 480 x 640 chain (9 if every pixel added its 3 x 3 taps);
-  float32 atomics make the gradient's last bits depend on the order of arrival (not bit-for-bit
-  reproducible on GPU; the forward is).
+  low-res columns, and neighbouring programs share border rows and columns). Counted from the tap
+  tables at the GPU tiling: 1.15 atomics per output pixel for SAM's 256 -> 1024 -> 480 x 640 chain,
+  0.68 at 1024 x 1024 (5.7 and 4.0 if every pixel added its nonzero 3 x 3 taps); more (6.8) when the
+  output is smaller than the crop (37 x 61), where the window jumps several low-res rows per output
+  row. Float32 atomics make the gradient's last bits depend on the order of arrival (not
+  bit-for-bit reproducible on GPU; the forward is).
 
 Kernels assume validated inputs (``lens_fast.ops.mask_loss`` checks them): ``low_res`` [M, h, w]
 float32/float16/bfloat16 with any strides (offsets inside one mask below 2**31), ``gt`` [B, H, W]
@@ -121,7 +123,7 @@ def _scatter_row(grad_ptrs, row, h, w, values, ok, x_base, x_o1, x_o2, x_o3, b0,
             weight = _weight_at(j, x_o1, x_o2, x_o3, xp0, xp1, xp2, xp3)
         col = x_base + j
         tl.atomic_add(ptrs + col[None, :], values * weight[None, :],
-                      mask=row_ok & ((col < w) & (weight != 0.0))[None, :])
+                      mask=row_ok & ((col < w) & (weight != 0.0))[None, :], sem="relaxed")  # no ordering needed
 
 
 @jit

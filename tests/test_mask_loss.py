@@ -255,7 +255,8 @@ def test_triton_per_sample_sizes_and_saved_tensors(rng):
     sizes, inputs = [(23, 31), (40, 17)], [(32, 32), (32, 14)]
     gts = [torch.from_numpy(rng.random(size) < 0.3) for size in sizes]
     up = torch.rand(2, 2)
-    ours = lambda: ops.mask_loss(low, gts, inputs, sizes, image_size=32, reduction="none", backend="triton")  # noqa: E731
+    ours = lambda: ops.mask_loss(low, gts, inputs, sizes, image_size=32,  # noqa: E731
+                                 reduction="none", backend="triton")
     ref = lambda: torch.stack([reference(low[i], gts[i], inputs[i], sizes[i], 32) for i in range(2)])  # noqa: E731
     torch.testing.assert_close(ours(), ref(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(grad_of(ours, low, up), grad_of(ref, low, up), rtol=1e-4, atol=1e-7)

@@ -162,7 +162,7 @@ class _MaskLossTriton(torch.autograd.Function):
     def forward(ctx, low, gt, input_size, original_size, image_size, smooth):
         from lens_fast.kernels.mask_loss import mask_loss_sums_triton
 
-        n_images, group, h, w = low.shape
+        n_images, group = low.shape[:2]
         masks = _masks_3d(low)
         with device_guard(low.device):
             sums = mask_loss_sums_triton(masks, gt, image_size, input_size, original_size).view(4, n_images, group)
