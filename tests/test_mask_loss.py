@@ -2,7 +2,9 @@
 
 Loss values and gradients w.r.t. the low-res logits must match the reference's autograd to float32
 rounding (the banded path multiplies torch's own interpolation weights, composed, instead of
-rounding after each resize).
+rounding after each resize; the Triton kernels compute the same weights and sum in another order).
+The Triton kernels run here under Triton's interpreter (``backend="triton"`` on CPU tensors), so
+their cases stay small.
 """
 import pytest
 import torch
@@ -165,3 +167,162 @@ def test_cuda_matches_reference_at_full_size(original_size):
     ref = lambda: reference(low, gt.unsqueeze(1), input_size, original_size, 1024)  # noqa: E731
     torch.testing.assert_close(ours(), ref(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(grad_of(ours, low, up), grad_of(ref, low, up), rtol=1e-3, atol=1e-8)
+
+
+def check_backend(low, gt, input_size, original_size, image_size, backend, leaf=None, grad_tol=None, **kwargs):
+    """``mask_loss(backend=...)`` per mask against the reference: values, parts and the gradient of ``leaf``."""
+    leaf = low if leaf is None else leaf
+    truth = gt.unsqueeze(-3) if gt.dim() == low.dim() - 1 else gt
+    up = torch.rand(low.shape[:-2])
+    ours = lambda: ops.mask_loss(low, gt, input_size, original_size, image_size=image_size,  # noqa: E731
+                                 reduction="none", backend=backend, **kwargs)
+    ref = lambda: reference(low, truth, input_size, original_size, image_size,  # noqa: E731
+                            kwargs.get("bce_weight", 1.0), kwargs.get("dice_weight", 1.0))
+    values = []
+    got = grad_of(lambda: values.append(ours()) or values[-1], leaf, up)  # one launch of each kernel
+    want = grad_of(lambda: values.append(ref()) or values[-1], leaf, up)
+    torch.testing.assert_close(values[0], values[1], rtol=1e-5, atol=1e-6)
+    assert got.dtype == leaf.dtype
+    torch.testing.assert_close(got.float(), want.float(), **(grad_tol or dict(rtol=1e-4, atol=1e-7)))
+    return got
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c[0])) + f"-{c[3][0]}x{c[3][1]}")
+def test_triton_matches_reference(rng, case):
+    """Both kernels (interpreted) on every geometry of CASES: odd and prime sizes, span-4 taps, 1 x 1, identities."""
+    shape, image_size, input_size, original_size, shared = case
+    low = blobs(rng, shape).requires_grad_()
+    gt_shape = (*shape[:-3], *original_size) if shared else (*shape[:-2], *original_size)
+    gt = torch.from_numpy(rng.random(gt_shape) < 0.4)
+    check_backend(low, gt, input_size, original_size, image_size, "triton", bce_weight=0.7, dice_weight=1.3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_triton_dtypes_and_views(rng, dtype):
+    """fp32/fp16/bf16 logits read in place through strided views, uint8 gt view with a row stride."""
+    base = blobs(rng, (3, 2, 20, 26)).to(dtype)
+    leaf = base[:, :, ::2, 1:].transpose(-1, -2).detach().requires_grad_()  # [3, 2, 25, 10]
+    low = leaf[::2]  # [2, 2, 25, 10], non-contiguous
+    gt = torch.from_numpy(rng.random((2, 29, 25)) < 0.5).to(torch.uint8)[:, :, 3:22]  # [2, 29, 19] view
+    assert not low.is_contiguous() and not gt.is_contiguous()
+    # reduced precision: both gradients are float32 values equal to float32 rounding, rounded once
+    tol = None if dtype == torch.float32 else dict(rtol=2**-6 if dtype == torch.bfloat16 else 2**-9, atol=1e-7)
+    got = check_backend(low, gt, (40, 16), (29, 19), 40, "triton", leaf=leaf, grad_tol=tol)
+    assert torch.equal(got[1::2], torch.zeros_like(got[1::2]))  # the masks left out of the view get nothing
+
+
+@pytest.mark.parametrize(
+    "name, shape, image_size, input_size, original_size",
+    [
+        ("empty-gt", (2, 3, 12, 12), 24, (24, 18), (11, 8)),
+        ("full-gt", (2, 3, 12, 12), 24, (24, 18), (11, 8)),
+        ("one-gt-pixel", (2, 3, 12, 12), 24, (24, 18), (11, 8)),
+        ("one-output-pixel", (2, 3, 12, 12), 24, (24, 18), (1, 1)),
+        ("saturated-logits", (1, 2, 9, 7), 16, (16, 13), (7, 5)),
+    ],
+)
+def test_triton_edges(rng, name, shape, image_size, input_size, original_size):
+    low = blobs(rng, shape, scale=60.0 if name == "saturated-logits" else 4.0).requires_grad_()
+    gt = torch.from_numpy(rng.random((shape[0], *original_size)) < 0.5)
+    if name == "empty-gt":
+        gt[:] = False
+    elif name == "full-gt":
+        gt[:] = True
+    elif name == "one-gt-pixel":
+        gt[:] = False
+        gt[:, 5, 3] = True
+    check_backend(low, gt, input_size, original_size, image_size, "triton")
+
+
+@pytest.mark.parametrize("case", [CASES[0], CASES[2]], ids=["sam-like", "low-res-above-image-size"])
+def test_triton_gpu_tiling_under_interpreter(rng, monkeypatch, case):
+    """GPU-style tiles on CPU: several row tiles (windows and gradient accumulators starting mid-image,
+    border rows and columns shared by programs through the atomics), column tiles with a ragged end,
+    a ragged last block of masks, and several partial sums per mask."""
+    from lens_fast.kernels import mask_loss as kernels
+
+    shape, image_size, input_size, original_size, _ = case
+    low = blobs(rng, (5, 1, *shape[-2:])).requires_grad_()  # 5 masks: blocks of 4 leave 1
+    gt = torch.from_numpy(rng.random((5, *original_size)) < 0.4)
+    tiles = kernels._tiles(low, image_size, original_size)
+    monkeypatch.setattr(kernels, "_tiles", lambda *args: dict(tiles, MASKS=4, ROWS=6, BLOCK_X=16))
+    check_backend(low, gt, input_size, original_size, image_size, "triton")
+
+
+def test_triton_per_sample_sizes_and_saved_tensors(rng):
+    """A list of gts with per-image sizes through the kernels; autograd keeps only the inputs and the sums."""
+    low = blobs(rng, (2, 2, 16, 16)).requires_grad_()
+    sizes, inputs = [(23, 31), (40, 17)], [(32, 32), (32, 14)]
+    gts = [torch.from_numpy(rng.random(size) < 0.3) for size in sizes]
+    up = torch.rand(2, 2)
+    ours = lambda: ops.mask_loss(low, gts, inputs, sizes, image_size=32,  # noqa: E731
+                                 reduction="none", backend="triton")
+    ref = lambda: torch.stack([reference(low[i], gts[i], inputs[i], sizes[i], 32) for i in range(2)])  # noqa: E731
+    torch.testing.assert_close(ours(), ref(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad_of(ours, low, up), grad_of(ref, low, up), rtol=1e-4, atol=1e-7)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        ops.mask_loss(low, gts, inputs, sizes, image_size=32, backend="triton")
+    assert max(saved) == max(low[0].numel(), max(g.numel() for g in gts))
+
+
+def test_backend_choice_on_cpu(rng):
+    """None on CPU tensors is the banded path ("cpu"), bit for bit; "triton" agrees to float32 rounding."""
+    low = blobs(rng, (2, 3, 16, 16))
+    gt = torch.from_numpy(rng.random((2, 21, 30)) < 0.5)
+    args = (low, gt, (24, 32), (21, 30))
+    default = ops.mask_loss(*args, image_size=32, reduction="none")
+    assert torch.equal(default, ops.mask_loss(*args, image_size=32, reduction="none", backend="cpu"))
+    torch.testing.assert_close(ops.mask_loss(*args, image_size=32, reduction="none", backend="triton"), default,
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_kernels_compile_for_gpu(monkeypatch, tmp_path):
+    """Both kernels compile to sm_90 (no GPU needed) for fp32/fp16/bf16 logits, SAM's spans and wider ones."""
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    compiler = pytest.importorskip("triton.compiler")
+    from triton.backends.compiler import GPUTarget
+
+    from lens_fast.kernels import mask_loss as kernels
+
+    def compile_kernel(fn, types, constexprs):
+        signature = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in fn.arg_names}
+        return compiler.compile(compiler.ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", 90, 32))
+
+    common = {"taps_i_ptr": "*i32", "taps_f_ptr": "*fp32", "gt_ptr": "*u8"}
+    gpu = {"MASKS": 4, "ROWS": 32, "BLOCK_X": 128, "SPAN_Y": 3, "SPAN_X": 3}
+    for dtype, spans in [("bf16", {}), ("fp16", {}), ("fp32", {"SPAN_Y": 5, "SPAN_X": 4})]:
+        try:
+            compile_kernel(kernels.mask_loss_sums_kernel,
+                           {**common, "low_ptr": f"*{dtype}", "partial_ptr": "*fp32"}, {**gpu, **spans})
+        except (FileNotFoundError, RuntimeError) as error:  # no ptxas in this Triton install
+            pytest.skip(f"cannot compile for CUDA here: {error}")
+        compile_kernel(kernels.mask_loss_grad_kernel,
+                       {**common, "low_ptr": f"*{dtype}", "coef_ptr": "*fp32", "grad_ptr": "*fp32"},
+                       {**gpu, **spans})
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cuda_triton_matches_banded_and_reference(dtype):
+    """SAM's real geometry on the GPU: Triton (the default) against the banded path and the reference;
+    the forward's sums are deterministic (per-program partials), run twice."""
+    from lens_fast.ops.mask_loss import mask_loss_parts_banded
+
+    torch.manual_seed(0)
+    low = (torch.randn(3, 8, 256, 256, device="cuda") * 4).to(dtype).requires_grad_()
+    gt = torch.rand(3, 480, 640, device="cuda") < 0.4
+    geometry = ((768, 1024), (480, 640))
+    up = torch.rand(3, 8, device="cuda")
+    ours = lambda: ops.mask_loss(low, gt, *geometry, reduction="none")  # noqa: E731
+    banded = lambda: sum(mask_loss_parts_banded(low, gt.view(torch.uint8), *geometry))  # noqa: E731
+    ref = lambda: reference(low, gt.unsqueeze(1), *geometry, 1024)  # noqa: E731
+    first = ours()
+    assert torch.equal(first, ours())
+    torch.testing.assert_close(first, ref(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(first, banded(), rtol=1e-5, atol=1e-5)
+    got, want = grad_of(ours, low, up), grad_of(ref, low, up)
+    scale = want.float().abs().max()
+    tol = dict(rtol=1e-3, atol=1e-8) if dtype == torch.float32 else dict(rtol=2**-6, atol=1e-8)
+    torch.testing.assert_close(got.float() / scale, want.float() / scale, **tol)
+    torch.testing.assert_close(grad_of(banded, low, up).float() / scale, want.float() / scale, **tol)

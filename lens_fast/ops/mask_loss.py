@@ -16,9 +16,13 @@ Per mask (x = full-resolution logits, g = gt in {0, 1}, p = sigmoid(x)):
 ``loss = bce_weight * bce + dice_weight * dice``. Computed in float32 whatever the logits' dtype
 (the reference upcasts too); the gradient is returned in the logits' dtype.
 
-Backends: the banded torch path serves CPU and CUDA (its matmuls are BLAS / cuBLAS); there is no
-Triton or C++ kernel. ``backend="torch"`` runs the plain reference (``F.interpolate`` chain, full
-intermediates).
+Backends: CUDA tensors run two Triton kernels (``kernels/mask_loss.py``): the forward sums and the
+backward's gradient computed pixel by pixel from the low-res logits as ``postprocess_mask_stats``
+does, nothing but the float32 gradient [..., h, w] written (the gradient's last bits depend on the
+order of float32 atomics). CPU tensors run the banded torch path (BLAS matmuls; ``"cpu"``);
+``mask_loss_parts_banded`` runs it on CUDA tensors too. ``backend="triton"`` on CPU tensors runs the
+kernels under Triton's interpreter; ``"torch"`` runs the plain reference (``F.interpolate`` chain,
+full intermediates).
 """
 from __future__ import annotations
 
@@ -29,11 +33,13 @@ from typing import NamedTuple, Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 
-from lens_fast._backend import BACKENDS, as_tensor, check_same_device
+from lens_fast._backend import as_tensor, check_same_device, device_guard, resolve_backend
 from lens_fast.ops.postprocess_masks import (
+    _INT32_LIMIT,
     GT_DTYPES,
     _check_geometry,
     _check_size,
+    _masks_3d,
     postprocess_masks_torch,
     resize_matrix,
 )
@@ -52,6 +58,21 @@ class MaskLoss(NamedTuple):
 
 def _dice(inter, pred_sum, gt_sum, smooth):
     return 1.0 - (2.0 * inter + smooth) / (pred_sum + gt_sum + smooth)
+
+
+def _grad_coefficients(sums, grad_bce, grad_dice, smooth, pixels):
+    """(c_bce, c_g, c_1) float32, shaped like ``sums[0]``: d loss / d x = (p - g) c_bce + (c_g g + c_1) p (1 - p).
+
+    ``sums`` [4, ...]: sum BCE, sum p g, sum p, sum g per mask; ``grad_bce`` / ``grad_dice``: the
+    upstream gradients of the mean BCE and the Dice (None = 0). d dice / d p = -(2 g D - N) / D**2 with
+    N = 2 sum(p g) + smooth, D = sum(p) + sum(g) + smooth.
+    """
+    zeros = torch.zeros_like(sums[0])
+    grad_bce = zeros if grad_bce is None else grad_bce.float()
+    grad_dice = zeros if grad_dice is None else grad_dice.float()
+    denominator = sums[2] + sums[3] + smooth
+    numerator = 2.0 * sums[1] + smooth
+    return grad_bce / pixels, -2.0 * grad_dice / denominator, grad_dice * numerator / denominator**2
 
 
 def mask_loss_parts_torch(
@@ -114,20 +135,14 @@ class _MaskLoss(torch.autograd.Function):
     def backward(ctx, grad_bce, grad_dice):
         low, gt, sums = ctx.saved_tensors
         input_size, original_size, image_size, smooth, band_rows = ctx.geometry
-        n_images, group, h, w = low.shape
+        h, w = low.shape[-2:]
         rows, cols, first, last = _geometry(
             h, w, image_size, input_size, original_size, low.device.type, low.device.index
         )
         pixels = original_size[0] * original_size[1]
-        zeros = torch.zeros(n_images, group, dtype=torch.float32, device=low.device)
-        grad_bce = zeros if grad_bce is None else grad_bce.float()
-        grad_dice = zeros if grad_dice is None else grad_dice.float()
-        # d dice / d p = -(2 g D - N) / D**2 with N = 2 sum(pg) + s, D = sum(p) + sum(g) + s
-        denominator = sums[2] + sums[3] + smooth
-        numerator = 2.0 * sums[1] + smooth
-        dice_g = (-2.0 * grad_dice / denominator)[..., None, None]  # coefficient of g
-        dice_1 = (grad_dice * numerator / denominator**2)[..., None, None]  # constant term
-        bce_scale = (grad_bce / pixels)[..., None, None]
+        bce_scale, dice_g, dice_1 = (
+            c[..., None, None] for c in _grad_coefficients(sums, grad_bce, grad_dice, smooth, pixels)
+        )
         lowf = low.float()
         grad_low = torch.zeros_like(lowf)
         for out_rows, low_rows in _bands(first, last, band_rows):
@@ -138,6 +153,52 @@ class _MaskLoss(torch.autograd.Function):
             grad_x = (p - g) * bce_scale + (dice_g * g + dice_1) * p * (1.0 - p)
             grad_low[:, :, low_rows] += (band.t() @ grad_x) @ cols
         return grad_low.to(low.dtype), None, None, None, None, None, None
+
+
+class _MaskLossTriton(torch.autograd.Function):
+    """low [B, G, h, w] logits, gt [B, H, W] uint8 -> (bce [B, G], dice [B, G]) float32, Triton kernels."""
+
+    @staticmethod
+    def forward(ctx, low, gt, input_size, original_size, image_size, smooth):
+        from lens_fast.kernels.mask_loss import mask_loss_sums_triton
+
+        n_images, group = low.shape[:2]
+        masks = _masks_3d(low)
+        with device_guard(low.device):
+            sums = mask_loss_sums_triton(masks, gt, image_size, input_size, original_size).view(4, n_images, group)
+        ctx.save_for_backward(low, gt, sums)
+        ctx.geometry = (input_size, original_size, image_size, smooth)
+        pixels = original_size[0] * original_size[1]
+        return sums[0] / pixels, _dice(sums[1], sums[2], sums[3], smooth)
+
+    @staticmethod
+    def backward(ctx, grad_bce, grad_dice):
+        from lens_fast.kernels.mask_loss import mask_loss_grad_triton
+
+        low, gt, sums = ctx.saved_tensors
+        input_size, original_size, image_size, smooth = ctx.geometry
+        pixels = original_size[0] * original_size[1]
+        coefficients = torch.stack(_grad_coefficients(sums, grad_bce, grad_dice, smooth, pixels), dim=-1)
+        with device_guard(low.device):
+            grad = mask_loss_grad_triton(
+                _masks_3d(low), gt, coefficients.reshape(-1, 3), image_size, input_size, original_size
+            )
+        return grad.view(low.shape).to(low.dtype), None, None, None, None, None
+
+
+def mask_loss_parts_banded(
+    low: torch.Tensor, gt: torch.Tensor, input_size: tuple[int, int], original_size: tuple[int, int],
+    image_size: int = 1024, smooth: float = 1.0, band_rows: Optional[int] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(bce, dice) float32 [B, G] of the banded torch path, differentiable, on CPU or CUDA tensors.
+
+    ``low`` [B, G, h, w] float32/float16/bfloat16, ``gt`` [B, H, W] uint8 shared by each group (one
+    mask per gt: G = 1), validated as :func:`mask_loss` does. What ``mask_loss`` runs on CPU tensors;
+    on CUDA tensors, the fallback (and benchmark peer) of the Triton kernels.
+    """
+    masks = low.shape[0] * low.shape[1]
+    rows = band_rows or max(1, BAND_ELEMENTS // (masks * original_size[1]))
+    return _MaskLoss.apply(low, gt, input_size, original_size, image_size, smooth, rows)
 
 
 def _check_real(name: str, value: object, positive: bool = False) -> float:
@@ -163,10 +224,10 @@ def _check_gt(name: str, gt: object, lead: tuple, original_size: tuple, device) 
     raise ValueError(f"{name} must be {alternatives}, got shape {tuple(gt.shape)}")
 
 
-def _parts(low, gt, shared, input_size, original_size, image_size, smooth, band_rows, reference):
-    """(bce, dice) [lead] of one geometry."""
+def _parts(low, gt, shared, input_size, original_size, image_size, smooth, band_rows, backend):
+    """(bce, dice) [lead] of one geometry; ``backend`` resolved ("triton", "cpu" = banded, "torch")."""
     lead = low.shape[:-2]
-    if reference or low.numel() == 0:
+    if backend == "torch" or low.numel() == 0:
         truth = gt.unsqueeze(-3).expand(*lead, *original_size) if shared else gt
         return mask_loss_parts_torch(low, truth, input_size, original_size, image_size, smooth)
     h, w = low.shape[-2:]
@@ -176,9 +237,12 @@ def _parts(low, gt, shared, input_size, original_size, image_size, smooth, band_
         low4, gt3 = low.reshape(-1, 1, h, w), gt.reshape(-1, *original_size)
     if gt3.dtype == torch.bool:
         gt3 = gt3.view(torch.uint8)
-    masks = low4.shape[0] * low4.shape[1]
-    rows = band_rows or max(1, BAND_ELEMENTS // (masks * original_size[1]))
-    bce, dice = _MaskLoss.apply(low4, gt3, input_size, original_size, image_size, smooth, rows)
+    if backend == "triton":
+        if gt3.stride(-1) != 1 or (original_size[0] - 1) * gt3.stride(-2) + original_size[1] >= _INT32_LIMIT:
+            gt3 = gt3.contiguous()  # the kernels read gt rows with int32 offsets
+        bce, dice = _MaskLossTriton.apply(low4, gt3, input_size, original_size, image_size, smooth)
+    else:
+        bce, dice = mask_loss_parts_banded(low4, gt3, input_size, original_size, image_size, smooth, band_rows)
     return bce.reshape(lead), dice.reshape(lead)
 
 
@@ -209,16 +273,15 @@ def mask_loss(
     Returns float32 ``bce_weight * bce + dice_weight * dice`` per mask, reduced by ``reduction``
     ("mean" over masks, "sum", or "none": [...], the leading dims); with ``return_parts``, a
     :class:`MaskLoss` (loss, bce, dice), each reduced alike. Differentiable w.r.t. the logits.
-    Memory: the low-res logits, the gt, and one band of ``band_rows`` output rows of every mask
-    (None: about 2**22 float32 values per band).
-    ``backend``: None/"cpu"/"triton" run the banded path (on CPU and CUDA alike: no kernel of its own);
-    "torch" runs the plain reference (full-resolution logits and the ``image_size`` intermediate).
+    ``backend``: None = "triton" for CUDA tensors (two Triton kernels; memory: the low-res logits, the
+    gt and the float32 gradient [..., h, w]), "cpu" for CPU tensors (the banded torch path; memory:
+    the low-res logits, the gt, and one band of ``band_rows`` output rows of every mask, None: about
+    2**22 float32 values per band; ``band_rows`` is read by this path only); "triton" on CPU tensors
+    runs the kernels under Triton's interpreter (slow: tests); "torch" runs the plain reference
+    (full-resolution logits and the ``image_size`` intermediate). Other devices run "torch".
     """
     low = as_tensor("low_res_logits", low_res_logits)
-    if backend is not None and backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
-    if backend == "cpu" and low.device.type != "cpu":
-        raise ValueError(f"backend='cpu' needs CPU tensors, got tensors on {low.device}")
+    backend = resolve_backend(backend, low.device)
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     bce_weight = _check_real("bce_weight", bce_weight)
@@ -227,7 +290,6 @@ def mask_loss(
     if band_rows is not None:
         if isinstance(band_rows, bool) or not isinstance(band_rows, int) or band_rows < 1:
             raise ValueError(f"band_rows must be a positive int or None, got {band_rows!r}")
-    reference = backend == "torch" or low.device.type not in ("cpu", "cuda")
 
     per_sample = isinstance(gt_masks, (list, tuple))
     if not per_sample:
@@ -236,7 +298,7 @@ def mask_loss(
         )
         gt, shared = _check_gt("gt_masks", gt_masks, tuple(low.shape[:-2]), original_size, low.device)
         check_same_device(low_res_logits=low, gt_masks=gt)
-        bce, dice = _parts(low, gt, shared, input_size, original_size, image_size, smooth, band_rows, reference)
+        bce, dice = _parts(low, gt, shared, input_size, original_size, image_size, smooth, band_rows, backend)
     else:
         if low.dim() < 3:
             raise ValueError(
@@ -254,7 +316,7 @@ def mask_loss(
             )
             gt_i, shared = _check_gt(f"gt_masks[{i}]", gt_masks[i], tuple(low_i.shape[:-2]), original_i, low.device)
             check_same_device(low_res_logits=low_i, **{f"gt_masks[{i}]": gt_i})
-            parts.append(_parts(low_i, gt_i, shared, input_i, original_i, image_size_i, smooth, band_rows, reference))
+            parts.append(_parts(low_i, gt_i, shared, input_i, original_i, image_size_i, smooth, band_rows, backend))
         bce = torch.stack([b for b, _ in parts])
         dice = torch.stack([d for _, d in parts])
 
