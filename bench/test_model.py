@@ -7,9 +7,18 @@
   one prefill and one SAM image embedding for the group (``encode`` once, ``generate(num_generations=8)``);
   ``per-completion``: the prompt repeated 8 times, each copy encoded and prefilled on its own (what a
   trainer that treats each completion as its own sample does, e.g. TRL's repeated prompts).
+- ``generate``: the rollout's sampling alone (4 prompts x G = 8, 40 new tokens, temperature 0.9) with
+  transformers' ``DynamicCache`` (the reference) and the preallocated ``StaticCache``
+  (``kv_cache="static"``), asserted equal. On CPU both run eagerly; ``[cuda, ...]``: the tiny model on
+  the GPU, where the static cache's decode step is compiled with CUDA graphs (the first, compiling
+  call is the warm-up round).
 """
 import pytest
 import torch
+
+from bench_utils import synced
+
+from lens_fast.model.policy import KV_CACHES
 
 from lens_fast.data import SyntheticRefDataset
 from lens_fast.model import build_tiny_lens
@@ -70,3 +79,27 @@ def test_encode_alone(benchmark, model, samples, one_torch_thread):
     benchmark.group = "model: encode one image (vision + SAM)"
     with torch.no_grad():
         benchmark(model.encode, batch)
+
+
+def _sample(model, prompts, cache, kv_cache):
+    generators = [torch.Generator(device=model.device).manual_seed(i) for i in range(len(prompts))]
+    return model.generate(prompts, cache, num_generations=G, max_new_tokens=40, temperature=0.9, top_p=0.9, top_k=50,
+                          generator=generators, kv_cache=kv_cache)
+
+
+CUDA = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
+@pytest.mark.parametrize("kv_cache", KV_CACHES)
+def test_generate(benchmark, model, samples, kv_cache, device, one_torch_thread):
+    on_device = model if device == "cpu" else build_tiny_lens(seed=0).to(device).eval()
+    with torch.no_grad():
+        batch = on_device.prepare_images([s.image for s in samples[:4]])
+        prompts = on_device.tokenize_prompts(batch, [s.expression for s in samples[:4]])
+        cache = on_device.encode(batch, sam=False)
+    benchmark.group = f"model: generate 4 prompts x G = {G}, 40 new tokens ({device})"
+    benchmark.extra_info["reference"] = kv_cache == "dynamic"
+    out = benchmark.pedantic(synced(lambda: _sample(on_device, prompts, cache, kv_cache), device), rounds=10, warmup_rounds=1)
+    expected = _sample(on_device, prompts, cache, "dynamic")
+    assert torch.equal(out.ids, expected.ids)

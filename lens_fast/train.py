@@ -262,6 +262,7 @@ def train(config: TrainConfig, world: World) -> int:
                     completions = model.generate(
                         prompts, encoding.detach(), num_generations=group, max_new_tokens=config.max_new_tokens,
                         temperature=temperature, top_p=config.top_p, top_k=config.top_k, generator=generators,
+                        kv_cache=config.kv_cache,
                     )
                 model.train()
                 texts = model.decode_text(completions)

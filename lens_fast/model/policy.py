@@ -14,7 +14,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 from torch import nn
-from transformers import DynamicCache, Qwen2_5_VLForConditionalGeneration
+from transformers import DynamicCache, Qwen2_5_VLForConditionalGeneration, StaticCache
 
 from lens_fast import ops
 from lens_fast.model.tokenizer import special_token_ids
@@ -132,8 +132,17 @@ def sample_next(
     return torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs.split(group), generator)]).squeeze(-1)
 
 
-def check_sampling(num_generations: int, max_new_tokens: int, temperature: float, top_p: float, top_k: int) -> None:
+KV_CACHES = ("dynamic", "static")
+"""``Policy.generate``'s KV caches: transformers' ``DynamicCache`` (grows by concatenation each step), or a
+``StaticCache`` preallocated for the whole completion, whose fixed shapes let the decode step be
+compiled with CUDA graphs on GPU (``torch.compile(mode="reduce-overhead")``; eager on CPU)."""
+
+
+def check_sampling(num_generations: int, max_new_tokens: int, temperature: float, top_p: float, top_k: int,
+                   kv_cache: str = "dynamic") -> None:
     """ValueError naming the first bad sampling argument."""
+    if kv_cache not in KV_CACHES:
+        raise ValueError(f"kv_cache must be one of {KV_CACHES}, got {kv_cache!r}")
     for name, value in (("num_generations", num_generations), ("max_new_tokens", max_new_tokens)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -163,6 +172,8 @@ class Policy(nn.Module):
             )
         params = inspect.signature(self.language_model.forward).parameters
         self._cache_arg = "cache" if "cache" in params else "past_key_values"  # renamed across transformers 5.x
+        self._static: Optional[tuple[tuple, StaticCache]] = None  # (rows, length, dtype, device), its cache
+        self._compiled_decode = None
 
     @property
     def language_model(self) -> nn.Module:
@@ -235,21 +246,30 @@ class Policy(nn.Module):
         top_p: float = 1.0,
         top_k: int = 0,
         generator: Generators = None,
+        kv_cache: str = "dynamic",
     ) -> Completions:
         """``num_generations`` completions per prompt with a KV cache: the prompts are prefilled once and
         their cache repeated for the group. ``temperature`` 0 is greedy. ``generator``: one torch
-        generator, or one per prompt (see :func:`sample_next`)."""
-        check_sampling(num_generations, max_new_tokens, temperature, top_p, top_k)
+        generator, or one per prompt (see :func:`sample_next`). ``kv_cache``: see :data:`KV_CACHES`."""
+        check_sampling(num_generations, max_new_tokens, temperature, top_p, top_k, kv_cache)
         if generator is not None and not isinstance(generator, torch.Generator) and len(generator) != len(prompts):
             raise ValueError(f"generator must be one torch.Generator or one per prompt ({len(prompts)}), got {len(generator)}")
         group = num_generations
         cache = DynamicCache(config=self.model.config.text_config)
         hidden = self.run(self.embed_prompts(prompts, image_embeds), prompts.positions, prompts.attention_mask, cache)
-        logits = self.lm_head(hidden[:, -1])
-        if group > 1:
-            cache.batch_repeat_interleave(group)
-            logits = logits.repeat_interleave(group, 0)
+        logits = self.lm_head(hidden[:, -1]).repeat_interleave(group, 0)
         attention_mask = prompts.attention_mask.repeat_interleave(group, 0)
+        decode = self.decode_logits
+        if kv_cache == "static":
+            prompt_length = attention_mask.shape[1]
+            cache = self.static_cache(cache, group, prompt_length + max_new_tokens)
+            attention_mask = torch.cat([attention_mask, attention_mask.new_zeros(len(attention_mask), max_new_tokens)], 1)
+            if logits.device.type == "cuda":
+                if self._compiled_decode is None:
+                    self._compiled_decode = torch.compile(self.decode_logits, mode="reduce-overhead", dynamic=False)
+                decode = lambda *inputs: self._compiled_decode(*inputs).clone()  # noqa: E731 (CUDA graphs reuse their output)
+        elif group > 1:
+            cache.batch_repeat_interleave(group)
         position = prompts.next_position.repeat_interleave(group, 0)
         count = logits.shape[0]
         device = logits.device
@@ -265,16 +285,39 @@ class Policy(nn.Module):
             done = done | torch.isin(token, ends)
             if bool(done.all()) or step + 1 == max_new_tokens:
                 break
-            attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], 1)
+            if kv_cache == "static":
+                attention_mask[:, prompt_length + step] = 1
+            else:
+                attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], 1)
             pos = (position + step).view(1, count, 1).expand(3, -1, -1)
-            hidden = self.run(self.language_model.embed_tokens(token[:, None]), pos, attention_mask, cache)
-            logits = self.lm_head(hidden[:, -1])
+            logits = decode(token[:, None], pos, attention_mask, cache)
         ids = ids[:, :steps]
         ended = torch.isin(ids, ends)
         truncated = ~ended.any(1)
         length = torch.where(truncated, steps, ended.int().argmax(1) + 1)
         mask = torch.arange(steps, device=device)[None] < length[:, None]
         return Completions(ids.masked_fill(~mask, self.pad_id), mask, truncated)
+
+    def decode_logits(self, tokens: torch.Tensor, positions: torch.Tensor, attention_mask: torch.Tensor, cache) -> torch.Tensor:
+        """One decode step: the next-token logits [N, V] after ``tokens`` [N, 1] at M-RoPE ``positions``
+        [3, N, 1] (the attention mask [N, T] covers the cache and these tokens)."""
+        return self.lm_head(self.run(self.language_model.embed_tokens(tokens), positions, attention_mask, cache)[:, -1])
+
+    def static_cache(self, prefill: DynamicCache, group: int, length: int) -> StaticCache:
+        """A ``StaticCache`` of ``length`` positions holding ``prefill``'s B prompts, each repeated for its
+        ``group`` rows. One is kept and reset between calls of the same shape, so that a compiled decode
+        step (CUDA graphs record tensor addresses) is reused."""
+        first = prefill.layers[0].keys
+        key = (first.shape[0] * group, length, first.dtype, first.device)
+        if self._static is None or self._static[0] != key:
+            self._static = (key, StaticCache(config=self.model.config.text_config, max_cache_len=length))
+        cache = self._static[1]
+        cache.reset()
+        positions = torch.arange(first.shape[2], device=first.device)
+        for index, layer in enumerate(prefill.layers):
+            cache.update(layer.keys.repeat_interleave(group, 0), layer.values.repeat_interleave(group, 0), index,
+                         {"cache_position": positions})  # (read by transformers versions that index by position)
+        return cache
 
     def forward_completions(
         self,

@@ -15,6 +15,7 @@ import yaml
 from lens_fast.data.synthetic import KINDS
 from lens_fast.model.config import MODES
 from lens_fast.model.lens import PARTS
+from lens_fast.model.policy import KV_CACHES
 from lens_fast.model.prompts import PROMPT_STYLES
 from lens_fast.training.grpo import AGGREGATIONS, IMPORTANCE_LEVELS, LOSS_TYPES, SCALE_REWARDS
 from lens_fast.training.rollout_rewards import REWARDS
@@ -53,6 +54,7 @@ class TrainConfig:
     prompt_style: str = "grounding"  # grounding | cot
     num_queries: int = 16
     max_new_tokens: int = 40
+    kv_cache: str = "dynamic"  # sampling's KV cache: dynamic | static (preallocated; its decode step compiled with CUDA graphs on GPU)
     gradient_checkpointing: bool = False
     micro_batch: int = 0  # rows (completions) per forward/backward pass; 0: all of the process's rows at once
     # data
@@ -120,7 +122,7 @@ class TrainConfig:
             reward_aggregation=AGGREGATIONS, scale_rewards=SCALE_REWARDS, loss_type=LOSS_TYPES,
             importance_sampling_level=IMPORTANCE_LEVELS, lr_schedule=("cosine", "constant"),
             sam_type=("vit_b", "vit_l", "vit_h"), precision=("auto", "fp32", "bf16-mixed", "bf16"), dataset=("refcoco", "refcoco+", "refcocog"),
-            plan_weights=PLAN_WEIGHTS, plan_states=PLAN_STATES, plan_attention=PLAN_ATTENTION,
+            kv_cache=KV_CACHES, plan_weights=PLAN_WEIGHTS, plan_states=PLAN_STATES, plan_attention=PLAN_ATTENTION,
         )
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
