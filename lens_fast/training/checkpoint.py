@@ -18,7 +18,7 @@ from lens_fast.model import LensModel
 STATE_FILE = "trainer_state.pt"
 VERSION = 1
 COMPATIBLE_KEYS_IGNORED = ("output_dir", "resume", "progress", "log_every", "checkpoint_every", "device", "max_bad_steps",
-                           "threads", "micro_batch")
+                           "threads", "micro_batch", "kv_cache")
 """Config keys that may change between a run and its resumption (they change where and how, not what, is computed)."""
 
 
