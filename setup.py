@@ -87,8 +87,10 @@ setup(
             "torchmetrics>=1.4",
             "trl>=1.0",
             "matplotlib>=3.7",  # the trainer's curves.png
+            "bitsandbytes>=0.45",  # optimizer_states=8bit (tests/test_optim.py)
         ],
         "flash": ["flash-attn>=2.6"],
+        "lean": ["bitsandbytes>=0.45"],  # optimizer_states=8bit
     },
     zip_safe=False,
 )

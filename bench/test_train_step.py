@@ -99,7 +99,7 @@ def build_trainer(config: TrainConfig = CONFIG) -> Trainer:
     model = build_tiny_lens(seed=config.seed, mode=config.mode, prompt_style=config.prompt_style,
                             num_queries=config.num_queries, max_new_tokens=config.max_new_tokens)
     params = parameters_of(model, config.stage2_train)
-    optimizer, scheduler = build_optimizer(params, config.lr, config.stage2_steps, config, device)
+    optimizer, scheduler = build_optimizer(params, config.lr, config.stage2_steps, config)
     reference = copy.deepcopy(model).requires_grad_(False).eval()
     model.train()
     return Trainer(model, reference, optimizer, scheduler, config)

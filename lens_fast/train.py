@@ -12,6 +12,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import signal
 import sys
 import time
@@ -32,6 +33,7 @@ from lens_fast.training.config import TrainConfig, parse_args
 from lens_fast.training.distributed import World, close_world, data_parallel, gradient_sync, init_world
 from lens_fast.training.log import MetricsLog, plot_curves
 from lens_fast.training.losses import answer_nll
+from lens_fast.training.optim import LeanAdamW, build_adamw, clip_grad_norm
 from lens_fast.training.rollout_rewards import mask_iou_from_low_res, rollout_rewards
 from lens_fast.training.validate import validate
 
@@ -94,8 +96,10 @@ def parameters_of(model: LensModel, parts: Sequence[str]) -> list[torch.nn.Param
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def build_optimizer(params, lr: float, steps: int, config: TrainConfig, device: torch.device):
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=config.weight_decay, fused=device.type == "cuda")
+def build_optimizer(params, lr: float, steps: int, config: TrainConfig):
+    """(AdamW with the config's memory options, its LR schedule: linear warm-up, then cosine to 0.1 x or constant)."""
+    optimizer = build_adamw(params, lr, config.weight_decay, states=config.optimizer_states,
+                            offload=config.optimizer_offload, step_in_backward=config.step_in_backward)
 
     def factor(step: int) -> float:
         if step < config.warmup_steps:
@@ -116,7 +120,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return print_plan(config)
     try:
         config.check_paths()
-    except FileNotFoundError as error:
+        config.check_world(int(os.environ.get("WORLD_SIZE", "1")))
+    except (FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     world = init_world(config.device)
@@ -207,7 +212,9 @@ def train(config: TrainConfig, world: World) -> int:
             (config.stage1_train, config.stage1_lr, config.stage1_steps) if name == "align"
             else (config.stage2_train, config.lr, config.stage2_steps)
         )
-        optimizer, scheduler = build_optimizer(parameters_of(model, parts), lr, steps, config, device)
+        if isinstance(optimizer, LeanAdamW):
+            optimizer.close()  # its step-in-backward hooks leave the parameters
+        optimizer, scheduler = build_optimizer(parameters_of(model, parts), lr, steps, config)
         trains_encoders = any(p.requires_grad for part in ("vision", "sam_encoder") for m in model.parts()[part] for p in m.parameters())
         forward = data_parallel(model, world)  # after the trainable parameters are chosen
         if name == "grpo" and config.beta > 0:  # LENS: the reference is the stage-1 model
@@ -348,8 +355,7 @@ def train(config: TrainConfig, world: World) -> int:
                         raise Stop(f"{bad_steps} consecutive non-finite losses at step {step}")
                     break
                 bad_steps = 0
-                grad_norm = torch.nn.utils.clip_grad_norm_(
-                    [p for g in optimizer.param_groups for p in g["params"]], config.grad_clip or float("inf"))
+                grad_norm = clip_grad_norm(optimizer, config.grad_clip or float("inf"))
                 optimizer.step()
                 record.update(sums, grad_norm=float(grad_norm))
                 if stage == "grpo":

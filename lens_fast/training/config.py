@@ -18,15 +18,20 @@ from lens_fast.model.lens import PARTS
 from lens_fast.model.policy import KV_CACHES
 from lens_fast.model.prompts import PROMPT_STYLES
 from lens_fast.training.grpo import AGGREGATIONS, IMPORTANCE_LEVELS, LOSS_TYPES, SCALE_REWARDS
+from lens_fast.training.optim import OPTIMIZER_STATES
 from lens_fast.training.rollout_rewards import REWARDS
 
 PLAN_WEIGHTS = ("master", "kahan", "sr")
-PLAN_STATES = ("fp32", "bf16", "8bit")
 PLAN_ATTENTION = ("sdpa", "flash", "eager")
 
 
+def _option(default: Any, text: str) -> Any:
+    """A field whose ``--help`` line says ``text``."""
+    return field(default=default, metadata={"help": text})
+
+
 def _plan(default: Any, text: str) -> Any:
-    return field(default=default, metadata={"help": f"--plan only: {text}"})
+    return _option(default, f"--plan only: {text}")
 
 
 @dataclass
@@ -56,7 +61,7 @@ class TrainConfig:
     max_new_tokens: int = 40
     kv_cache: str = "dynamic"  # sampling's KV cache: dynamic | static (preallocated; its decode step compiled with CUDA graphs on GPU)
     gradient_checkpointing: bool = False
-    micro_batch: int = 0  # rows (completions) per forward/backward pass; 0: all of the process's rows at once
+    micro_batch: int = _option(0, "sequences (rows, completions) per forward/backward pass, 0: all of the process's rows at once")
     # data
     data: str = "synthetic"  # synthetic | refcoco
     synthetic_kinds: tuple = ("attribute",)
@@ -101,15 +106,19 @@ class TrainConfig:
     grad_clip: float = 1.0
     warmup_steps: int = 20
     lr_schedule: str = "cosine"  # cosine | constant
-    # memory plan (--plan; the trainer does not read these)
+    # memory options (the trainer does them; --plan estimates them)
+    optimizer_states: str = _option("fp32", "AdamW states: fp32 (in the parameters' dtype: bf16 under precision=bf16) | "
+                                            "8bit (bitsandbytes' blockwise AdamW8bit, ~2 B/param; pip install 'lens_fast[lean]')")
+    optimizer_offload: bool = _option(False, "fp32 master weights + AdamW states in host memory, AdamW steps on the CPU, "
+                                             "updated weights copied back to the device")
+    step_in_backward: bool = _option(False, "no full gradient buffer: without optimizer_offload each parameter is stepped "
+                                            "in backward (needs grad_clip 0, one process, micro_batch not splitting a step's "
+                                            "rows); with it each gradient is streamed to the host in backward")
+    # memory plan (--plan only)
     plan_gpus: int = _plan(1, "GPUs to plan for (FSDP2 shards weights, grads and states across them)")
     plan_gpu_memory_gb: float = _plan(24.0, "memory budget per GPU in GB (1e9 bytes)")
     plan_completion_tokens: int = _plan(0, "completion length to plan for (0: max_new_tokens, the worst case)")
     plan_weights: str = _plan("master", "master (bf16 + fp32 master weights) | kahan | sr (pure bf16 AdamW)")
-    plan_states: str = _plan("fp32", "AdamW states: fp32 | bf16 | 8bit")
-    plan_offload: bool = _plan(False, "fp32 master weights + AdamW states in host memory, AdamW on the CPU")
-    plan_step_in_backward: bool = _plan(False, "each parameter stepped during backward: no gradient buffer")
-    plan_micro_batch: int = _plan(0, "sequences per forward/backward pass (0: all of the GPU's rows at once)")
     plan_attention: str = _plan("sdpa", "sdpa | flash (flash-attn 2) | eager")
     plan_lean_ops: bool = _plan(False, "chunked log-probs + memory-lean mask loss instead of the naive paths")
 
@@ -122,7 +131,7 @@ class TrainConfig:
             reward_aggregation=AGGREGATIONS, scale_rewards=SCALE_REWARDS, loss_type=LOSS_TYPES,
             importance_sampling_level=IMPORTANCE_LEVELS, lr_schedule=("cosine", "constant"),
             sam_type=("vit_b", "vit_l", "vit_h"), precision=("auto", "fp32", "bf16-mixed", "bf16"), dataset=("refcoco", "refcoco+", "refcocog"),
-            kv_cache=KV_CACHES, plan_weights=PLAN_WEIGHTS, plan_states=PLAN_STATES, plan_attention=PLAN_ATTENTION,
+            kv_cache=KV_CACHES, optimizer_states=OPTIMIZER_STATES, plan_weights=PLAN_WEIGHTS, plan_attention=PLAN_ATTENTION,
         )
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -140,12 +149,15 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("stage1_steps", "stage2_steps", "val_size", "warmup_steps", "seed", "top_k",
-                     "plan_completion_tokens", "plan_micro_batch", "micro_batch"):
+                     "plan_completion_tokens", "micro_batch"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("stage1_lr", "lr", "weight_decay", "grad_clip", "beta", "epsilon", "sft_weight", "mask_loss_weight"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.step_in_backward and not self.optimizer_offload and self.grad_clip > 0:
+            raise ValueError(f"grad_clip must be 0 with step_in_backward and no optimizer_offload (each parameter is "
+                             f"stepped before the global gradient norm exists), got {self.grad_clip}")
         if self.epsilon_high is not None and not self.epsilon_high >= 0:
             raise ValueError(f"epsilon_high must be >= 0 or null, got {self.epsilon_high}")
         if not self.plan_gpu_memory_gb > 0:
@@ -159,6 +171,23 @@ class TrainConfig:
                              f"(a pass holds whole groups, or a group spans whole passes), got {self.micro_batch}")
         if self.num_generations < 2 and self.stage2_steps:
             raise ValueError(f"num_generations must be >= 2 for GRPO (a group of 1 has no advantage), got {self.num_generations}")
+
+    def check_world(self, world_size: int) -> None:
+        """ValueError for options the trainer cannot run in a world of ``world_size`` processes: step_in_backward
+        steps before DDP's gradient all-reduce (one process only) and, without optimizer_offload, cannot
+        accumulate gradients over passes (micro_batch must not split a step's rows)."""
+        if not self.step_in_backward:
+            return
+        if world_size > 1:
+            raise ValueError(f"step_in_backward needs one process (it steps before the gradient all-reduce), got "
+                             f"WORLD_SIZE {world_size}")
+        rows = {"stage1": self.stage1_batch_size if self.stage1_steps else 0,  # one optimizer step's rows per stage
+                "stage2": self.batch_size * self.num_generations if self.stage2_steps else 0}
+        split = {stage: n for stage, n in rows.items() if 0 < self.micro_batch < n}
+        if split and not self.optimizer_offload:
+            raise ValueError(f"micro_batch {self.micro_batch} splits the rows of a step ({split}): step_in_backward "
+                             "without optimizer_offload has no gradient buffer to accumulate passes in; set "
+                             "optimizer_offload true, micro_batch 0, or step_in_backward false")
 
     def check_paths(self) -> None:
         """FileNotFoundError naming the first missing path this config needs."""

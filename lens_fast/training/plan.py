@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Optional
 
-from lens_fast.training.config import PLAN_STATES, PLAN_WEIGHTS, TrainConfig
+from lens_fast.training.config import PLAN_WEIGHTS, TrainConfig
 
 GB = 1e9
 TYPICAL_IMAGE = (480, 640)
@@ -55,6 +55,9 @@ FRAGMENTATION = 0.05  # the caching allocator's slack, as a share of the allocat
 LOGPROB_CHUNK_ELEMENTS = 2**25  # logits per chunk of ops.token_logprobs (lean-ops branch)
 
 STATE_BYTES = {"fp32": 8.0, "bf16": 4.0, "8bit": 2.0 + 2 * 4 / 256}  # m and v; 8-bit: + fp32 absmax per 256-block
+STATE_KINDS = tuple(STATE_BYTES)
+"""AdamW state kinds the search weighs; bf16 is what the trainer's ``optimizer_states=fp32`` gives under
+``precision=bf16`` (torch's AdamW keeps m and v in the parameters' dtype)."""
 WEIGHT_EXTRA = {"master": 4.0, "kahan": 2.0, "sr": 0.0}  # fp32 master copy / bf16 Kahan compensation / none
 NUMERICS_RANK = {("master", "fp32"): 0, ("kahan", "fp32"): 1, ("master", "bf16"): 2, ("kahan", "bf16"): 2,
                  ("sr", "fp32"): 2, ("master", "8bit"): 3, ("kahan", "8bit"): 3, ("sr", "bf16"): 4, ("sr", "8bit"): 4}
@@ -204,7 +207,8 @@ def shapes(facts: ModelFacts, config: TrainConfig) -> Shapes:
 # ---- options and the estimate ----------------------------------------------------------------------
 @dataclass(frozen=True)
 class Options:
-    """One combination of the memory options (see ``TrainConfig.plan_*``)."""
+    """One combination of the memory options (``TrainConfig``'s optimizer_*, step_in_backward, micro_batch
+    and plan_* options)."""
 
     gpus: int = 1
     weights: str = "master"  # master | kahan | sr
@@ -431,10 +435,18 @@ class MemoryPlan:
     trainable: int = 0
 
 
+def planned_states(config: TrainConfig) -> str:
+    """The AdamW states the trainer keeps for ``config``: ``optimizer_states``, with fp32 meaning the parameters'
+    dtype (bf16 under ``precision=bf16``)."""
+    if config.optimizer_states == "fp32" and config.precision == "bf16":
+        return "bf16"
+    return config.optimizer_states
+
+
 def options_of(config: TrainConfig) -> Options:
     return Options(
-        gpus=config.plan_gpus, weights=config.plan_weights, states=config.plan_states, offload=config.plan_offload,
-        step_in_backward=config.plan_step_in_backward, beta0=False, micro_rows=config.plan_micro_batch,
+        gpus=config.plan_gpus, weights=config.plan_weights, states=planned_states(config), offload=config.optimizer_offload,
+        step_in_backward=config.step_in_backward, beta0=False, micro_rows=config.micro_batch,
         checkpointing=config.gradient_checkpointing, attention=config.plan_attention, lean_ops=config.plan_lean_ops,
     )
 
@@ -452,10 +464,12 @@ def search(facts: ModelFacts, shape: Shapes, config: TrainConfig, gpus: int, bud
     """Every combination for ``gpus`` GPUs (checkpointing, flash attention and the lean ops on: they cost
     little), each with the fewest passes that fit; (fitting estimates, best first; combinations tried)."""
     rows = math.ceil(config.batch_size / gpus) * config.num_generations
-    optimizers = [(w, st, False) for w in PLAN_WEIGHTS for st in PLAN_STATES] + [("master", "fp32", True)]
+    optimizers = [(w, st, False) for w in PLAN_WEIGHTS for st in STATE_KINDS] + [("master", "fp32", True)]
     fitting, tried = [], 0
     for (weights, states, offload), step_bwd, beta0 in itertools.product(optimizers, (False, True),
                                                                          (False, True) if config.beta > 0 else (True,)):
+        if step_bwd and not offload and config.grad_clip > 0:
+            continue  # the trainer refuses it: the step comes before the global gradient norm
         tried += 1
         base = Options(gpus=gpus, weights=weights, states=states, offload=offload, step_in_backward=step_bwd,
                        beta0=beta0, checkpointing=True, attention="flash", lean_ops=True)
@@ -490,8 +504,8 @@ def choose(fitting: list, config: TrainConfig) -> Optional[Estimate]:
 def plan(config: TrainConfig) -> MemoryPlan:
     """The memory plan of ``config``'s GRPO stage (see the module's docstring)."""
     rows = math.ceil(config.batch_size / config.plan_gpus) * config.num_generations
-    if config.plan_step_in_backward and not config.plan_offload and 0 < config.plan_micro_batch < rows:
-        raise ValueError("plan_step_in_backward without plan_offload cannot take plan_micro_batch < the GPU's rows "
+    if config.step_in_backward and not config.optimizer_offload and 0 < config.micro_batch < rows:
+        raise ValueError(f"step_in_backward without optimizer_offload cannot take micro_batch {config.micro_batch} < the GPU's rows "
                          f"({rows}): accumulating gradients over passes needs the gradient buffer (or the host's)")
     facts = model_facts(config)
     shape = shapes(facts, config)
@@ -605,8 +619,9 @@ def option_costs(p: MemoryPlan) -> list:
         f"{2 * tr / GB:.1f} GB over PCIe and an fp32 accumulation in host memory per extra pass (~"
         f"{2 * tr / PCIE_BANDWIDTH + 10 * tr / HOST_BANDWIDTH:.1f} s each, not overlapped: an upper bound)",
         f"optimizer step in backward (post-accumulate-grad hooks, offload: grads streamed to the CPU): no gradient buffer "
-        f"({2 * tr / GB:.1f} GB less); no time cost, but no global-norm clipping (grad_clip {c.grad_clip}: clip per tensor "
-        "or by the previous step's norm instead) and, without offload, no gradient accumulation: the whole group in one pass",
+        f"({2 * tr / GB:.1f} GB less); no time cost; without offload no global-norm clipping (the trainer needs grad_clip 0; "
+        f"now {c.grad_clip}, so the search skips it) and no gradient accumulation: the whole group in one pass; with "
+        "offload the host accumulates and clips",
         f"micro-batching the GPU's {rows} rows: activations / k; the same FLOPs in k passes (~{PASS_OVERHEAD * 1e3:.0f} ms "
         "each in launches), plus one vision re-encoding per extra pass that splits a prompt's group; needs a gradient buffer "
         "(on the GPU, or the host's with streamed gradients)",
