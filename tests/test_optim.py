@@ -222,6 +222,44 @@ def test_state_bytes_per_parameter():
     assert 8.0 <= state_bytes(lean) / big.weight.numel() <= 8.01  # the masters (4 B/param) are not states
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("options", LEAN, ids=LEAN_IDS)
+def test_cuda_parameters_match_adamw_on_the_gpu(options):
+    """CUDA parameters: pinned host masters, non_blocking copies both ways, two backward passes per step; the
+    weights follow torch's fused CUDA AdamW (fp32) to rounding, and bf16 weights are exactly the rounded masters."""
+    device = torch.device("cuda")
+    lean_model, ref_model = small_model().to(device), small_model().to(device)
+    lean = build_adamw(lean_model.parameters(), LR, WD, **options)
+    ref = torch.optim.AdamW(ref_model.parameters(), lr=LR, weight_decay=WD, fused=True)
+    assert all(m.is_pinned() for m in lean.masters)
+    clip = 0.5 if options.get("offload") else float("inf")
+    passes = 2 if options.get("offload") else 1
+    for model, opt in ((lean_model, lean), (ref_model, ref)):
+        sched = schedule(opt)
+        for step in range(5):
+            x, y = (t.to(device) for t in batch(step))
+            opt.zero_grad(set_to_none=True)
+            for half in range(passes):
+                rows = slice(half * 16 // passes, (half + 1) * 16 // passes)
+                (nn.functional.mse_loss(model(x[rows]), y[rows]) / passes).backward()
+            clip_grad_norm(opt, clip)
+            opt.step()
+            sched.step()
+    for a, b in zip(params(lean_model), params(ref_model)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    if options.get("offload"):
+        model = small_model(dtype=torch.bfloat16).to(device)
+        lean = build_adamw(model.parameters(), 1e-4, WD, **options)
+        for step in range(3):
+            x, y = (t.to(device) for t in batch(step, torch.bfloat16))
+            lean.zero_grad()
+            nn.functional.mse_loss(model(x).float(), y.float()).backward()
+            clip_grad_norm(lean, 1.0)
+            lean.step()
+        for p, master in zip(model.parameters(), lean.masters):
+            assert p.dtype == torch.bfloat16 and torch.equal(p.detach().cpu(), master.to(torch.bfloat16))
+
+
 OPTIONS = [({}, "fp32"), (dict(offload=True), "fp32"), (dict(step_in_backward=True), "fp32"),
            (dict(offload=True, step_in_backward=True), "fp32"), ({}, "8bit"), (dict(offload=True), "8bit"),
            (dict(offload=True, step_in_backward=True), "8bit")]

@@ -131,7 +131,7 @@ def test_real_recipe_does_not_fit_one_24_gb_gpu_as_configured_but_a_combination_
 
 def test_step_in_backward_with_micro_batches_needs_offload(real):
     config, _, _ = real
-    bad = dataclasses.replace(config, plan_step_in_backward=True, plan_micro_batch=8)
+    bad = dataclasses.replace(config, step_in_backward=True, grad_clip=0.0, micro_batch=8)
     with pytest.raises(ValueError, match="gradient buffer"):
         memory.plan(bad)
     assert memory.print_plan(bad) == 2
@@ -147,7 +147,8 @@ def test_cli_prints_the_plan(argv, capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--plan-states", "4bit"], "plan_states must be one of"),
+    (["--optimizer-states", "4bit"], "optimizer_states must be one of"),
+    (["--micro-batch", "-1"], "micro_batch must be >= 0"),
     (["--plan-gpus", "0"], "plan_gpus must be >= 1"),
     (["--plan-gpu-memory-gb", "0"], "plan_gpu_memory_gb must be > 0"),
 ])
@@ -157,9 +158,26 @@ def test_plan_options_are_checked(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
+def test_plan_reads_the_trainers_options(real):
+    """The plan estimates what the trainer does: optimizer_states fp32 is bf16 under precision=bf16, and step in
+    backward without offload (no global-norm clipping) is searched only when grad_clip is 0."""
+    config, facts, shape = real
+    assert memory.options_of(config).states == "fp32"
+    assert memory.options_of(dataclasses.replace(config, precision="bf16")).states == "bf16"
+    lean = dataclasses.replace(config, optimizer_states="8bit", optimizer_offload=True, step_in_backward=True, micro_batch=8)
+    assert memory.options_of(lean) == memory.Options(states="8bit", offload=True, step_in_backward=True, micro_rows=8,
+                                                     checkpointing=True)
+    clipped, tried_clipped = memory.search(facts, shape, config, 1, 80e9)
+    unclipped, tried_unclipped = memory.search(facts, shape, dataclasses.replace(config, grad_clip=0.0), 1, 80e9)
+    assert tried_unclipped - tried_clipped == 9 * 2  # (3 weights x 3 states) x beta kept or 0
+    assert not any(e.options.step_in_backward and not e.options.offload for e in clipped)
+    assert any(e.options.step_in_backward and not e.options.offload for e in unclipped)
+
+
 def test_plan_fields_have_help(capsys):
     with pytest.raises(SystemExit):
         parse_args(["--help"])
     text = capsys.readouterr().out
     assert "--plan-gpus" in text and "--plan only" in text
+    assert "--optimizer-states" in text and "--micro-batch" in text and "--plan-states" not in text
     assert TrainConfig().plan_gpu_memory_gb == 24.0
