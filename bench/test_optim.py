@@ -24,7 +24,7 @@ from torch import nn
 from lens_fast.training.optim import LeanAdamW, build_adamw, clip_grad_norm, state_bytes
 
 LR, WD = 1e-3, 0.01
-ROUNDS = 10
+ROUNDS = 25
 
 
 def mlp() -> nn.Module:
