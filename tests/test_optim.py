@@ -301,8 +301,12 @@ def test_bad_options_are_named(monkeypatch):
     model = small_model()
     with pytest.raises(ValueError, match=r"optimizer_states must be one of \('fp32', '8bit'\), got '4bit'"):
         build_adamw(model.parameters(), LR, WD, states="4bit")
+    with pytest.raises(ValueError, match="optimizer_states must be one of.*got '4bit'"):
+        LeanAdamW(list(model.parameters()), LR, WD, states="4bit", offload=True)
     with pytest.raises(ValueError, match="no trainable parameters"):
         build_adamw([], LR, WD)
+    with pytest.raises(ValueError, match=r"must share one device, got \['cpu', 'meta'\]"):
+        build_adamw([nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(2, device="meta"))], LR, WD, offload=True)
     monkeypatch.setitem(__import__("sys").modules, "bitsandbytes", None)
     with pytest.raises(ImportError, match=r"optimizer_states='8bit' needs bitsandbytes.*lens_fast\[lean\]"):
         build_adamw(model.parameters(), LR, WD, states="8bit")

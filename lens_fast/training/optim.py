@@ -53,6 +53,8 @@ EPS = 1e-8
 
 def _adamw(params: list, lr: float, weight_decay: float, states: str, fused: bool) -> torch.optim.Optimizer:
     """One AdamW over ``params``: torch's (``fused`` kernel or not) for fp32 states, bitsandbytes' for 8-bit."""
+    if states not in OPTIMIZER_STATES:
+        raise ValueError(f"optimizer_states must be one of {OPTIMIZER_STATES}, got {states!r}")
     if states == "8bit":
         try:
             import bitsandbytes as bnb
@@ -67,8 +69,6 @@ def build_adamw(params: Iterable[nn.Parameter], lr: float, weight_decay: float, 
                 offload: bool = False, step_in_backward: bool = False) -> torch.optim.Optimizer:
     """AdamW (betas 0.9/0.999, eps 1e-8) over ``params`` with the memory options (see the module's docstring).
     ValueError for ``states`` other than fp32 | 8bit; ImportError naming the package when 8bit lacks bitsandbytes."""
-    if states not in OPTIMIZER_STATES:
-        raise ValueError(f"optimizer_states must be one of {OPTIMIZER_STATES}, got {states!r}")
     params = list(params)
     if not params:
         raise ValueError("build_adamw: no trainable parameters")
@@ -124,8 +124,8 @@ class LeanAdamW(torch.optim.Optimizer):
             self.host_grads = [torch.empty(p.shape, dtype=torch.float32, pin_memory=pin) for p in self.params]
         targets = self.masters if offload else self.params
         fused = offload or self.device.type == "cuda"  # torch's fused AdamW: CUDA, and the CPU for the host step
-        per_parameter = step_in_backward and not offload
-        self.inner = [_adamw(group, lr, weight_decay, states, fused) for group in ([[t] for t in targets] if per_parameter else [targets])]
+        groups = [[t] for t in targets] if step_in_backward and not offload else [targets]  # one AdamW per hook
+        self.inner = [_adamw(group, lr, weight_decay, states, fused) for group in groups]
         self._squared_norm: Optional[torch.Tensor] = None  # step in backward without offload: sum of grad**2 so far
         self._hooks = [p.register_post_accumulate_grad_hook(_backward_hook(weakref.ref(self), i))
                        for i, p in enumerate(self.params)] if step_in_backward else []
