@@ -94,7 +94,6 @@ def build_trainer(config: TrainConfig = CONFIG) -> Trainer:
     """What ``lens_fast.train.main`` builds for stage 2 without a stage-1 checkpoint."""
     from lens_fast.train import build_optimizer, parameters_of
 
-    device = torch.device("cpu")
     torch.manual_seed(config.seed)
     model = build_tiny_lens(seed=config.seed, mode=config.mode, prompt_style=config.prompt_style,
                             num_queries=config.num_queries, max_new_tokens=config.max_new_tokens)

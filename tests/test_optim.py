@@ -1,7 +1,6 @@
 """The trainer's AdamW memory options (lens_fast.training.optim) against plain torch AdamW: offload and step in
 backward exact in fp32, bf16 device weights with fp32 masters, 8-bit states tracking fp32 ones, micro-batches,
 checkpoints that resume exactly, the config's refusals, and short trainer runs."""
-import copy
 import io
 import json
 import os
@@ -12,7 +11,6 @@ import torch
 from torch import nn
 
 from lens_fast import train
-from lens_fast.training import optim
 from lens_fast.training.config import TrainConfig
 from lens_fast.training.optim import LeanAdamW, build_adamw, clip_grad_norm, state_bytes
 
