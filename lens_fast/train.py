@@ -117,7 +117,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.plan:
         from lens_fast.training.plan import print_plan
 
-        return print_plan(config)
+        return print_plan(config, str(args.config) if args.config else "")
     try:
         config.check_paths()
         config.check_world(int(os.environ.get("WORLD_SIZE", "1")))

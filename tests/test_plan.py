@@ -129,6 +129,22 @@ def test_real_recipe_does_not_fit_one_24_gb_gpu_as_configured_but_a_combination_
     assert set(result.by_gpus) == {1, 2, 4, 8} and all(result.by_gpus.values())
 
 
+@pytest.mark.parametrize("gpus", [1])
+def test_the_picks_command_runs_what_was_planned(real, gpus, capsys):
+    """The printed ``Run it`` options, read by the trainer's own parser, plan to the pick's estimate."""
+    config, _, _ = real
+    result = memory.plan(dataclasses.replace(config, plan_gpus=gpus))
+    rows = -(-config.batch_size // gpus) * config.num_generations
+    flags = " ".join(result.pick.options.trainer_flags(rows)).split()
+    assert "plan only" not in " ".join(flags)
+    argv = ["--config", str(REAL), *flags, "--plan-gpus", str(gpus), "--plan-attention", result.pick.options.attention,
+            "--plan-lean-ops", "true"]
+    again = memory.plan(parse_args(argv)[0])
+    assert again.chosen.total == pytest.approx(result.pick.total, rel=1e-9)
+    assert memory.print_plan(config, str(REAL)) == 0
+    assert f"Run it: python -m lens_fast.train --config {REAL} --gradient-checkpointing true" in capsys.readouterr().out
+
+
 def test_step_in_backward_with_micro_batches_needs_offload(real):
     config, _, _ = real
     bad = dataclasses.replace(config, step_in_backward=True, grad_clip=0.0, micro_batch=8)

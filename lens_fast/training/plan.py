@@ -221,6 +221,28 @@ class Options:
     attention: str = "sdpa"
     lean_ops: bool = False  # chunked log-probs + memory-lean mask loss
 
+    def trainer_flags(self, rows: int) -> list[str]:
+        """The ``python -m lens_fast.train`` options that run this combination (``rows``: the GPU's rows per
+        step), with a note where the trainer has no such option (Kahan / stochastic-rounding AdamW)."""
+        flags = ["--gradient-checkpointing true"] if self.checkpointing else []
+        if self.offload:  # bf16 weights on the GPU; fp32 masters and states on the host
+            flags += ["--precision bf16", "--optimizer-offload true"]
+        elif self.weights == "master":
+            flags.append("--precision bf16-mixed")  # fp32 weights + autocast's bf16 copies: the 6 B/param counted
+        else:
+            flags.append(f"--precision bf16 (plan only: the trainer has no {'Kahan-summed' if self.weights == 'kahan' else 'stochastically rounded'} bf16 AdamW)")
+        if self.states == "8bit":
+            flags.append("--optimizer-states 8bit")
+        if self.step_in_backward:
+            flags.append("--step-in-backward true" + ("" if self.offload else " --grad-clip 0"))
+        if self.micro_rows and self.micro_rows < rows:
+            flags.append(f"--micro-batch {self.micro_rows}")
+        if self.beta0:
+            flags.append("--beta 0")
+        if self.gpus > 1:
+            flags.append("--sharding fsdp")
+        return flags
+
     def describe(self) -> str:
         parts = ["CPU-offloaded AdamW (fp32 master + states)" if self.offload else
                  f"{ {'master': 'fp32 master', 'kahan': 'bf16+Kahan', 'sr': 'bf16+SR'}[self.weights]} weights, {self.states} states"]
@@ -579,6 +601,11 @@ def format_plan(p: MemoryPlan, source: str = "") -> str:
                      f"({p.pick.passes} pass{'es' if p.pick.passes > 1 else ''}), peak {p.pick.total / GB:.1f} GB, ~{p.pick.step_time:.0f} s per step "
                      f"({', '.join(f'{k} {v:.1f} s' for k, v in p.pick.time.items())}).")
         lines.append(f"  Why: {why(p)}")
+        launcher = f"torchrun --nproc_per_node {c.plan_gpus} -m lens_fast.train" if c.plan_gpus > 1 else "python -m lens_fast.train"
+        rows = math.ceil(c.batch_size / c.plan_gpus) * c.num_generations
+        flash = " (with flash-attn installed: pip install 'lens_fast[flash]')" if p.pick.options.attention == "flash" else ""
+        command = [launcher, *(["--config", source] if source else []), *p.pick.options.trainer_flags(rows)]
+        lines.append(f"  Run it: {' '.join(command)}{flash}")
     lines.append("Other GPU counts (the same ranking): " + "; ".join(
         f"{g}: " + (f"{best.options.describe()}, {best.options.micro_rows} rows/pass, {best.total / GB:.1f} GB, ~{best.step_time:.0f} s"
                     if best else "nothing fits") for g, best in p.by_gpus.items()))
