@@ -27,9 +27,12 @@ from lens_fast.data import SyntheticConfig, SyntheticRefDataset
 from lens_fast.model import Completions, LensModel, build_tiny_lens, from_components, from_pretrained
 from lens_fast.training import grpo
 from lens_fast.training.batches import Batches, sampling_generators
-from lens_fast.training.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint, set_rng_state
+from lens_fast.training.checkpoint import (
+    is_sharded, latest_checkpoint, load_sharded_checkpoint, load_trainer_state, save_checkpoint, save_sharded_checkpoint,
+    set_rng_state, unsharded_copy,
+)
 from lens_fast.training.config import TrainConfig, parse_args
-from lens_fast.training.distributed import World, close_world, data_parallel, init_world
+from lens_fast.training.distributed import World, close_world, data_parallel, gathered, init_world, shard_model
 from lens_fast.training.log import MetricsLog, plot_curves
 from lens_fast.training.losses import answer_nll
 from lens_fast.training.rollout_rewards import mask_iou_from_low_res, rollout_rewards
@@ -119,7 +122,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except FileNotFoundError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    world = init_world(config.device)
+    world = init_world(config.device, config.sharding)
     if world.is_main:  # the model layer logs its choices (attention implementation, ...)
         logging.basicConfig(format="%(name)s: %(message)s")
         logging.getLogger("lens_fast").setLevel(logging.INFO)
@@ -159,7 +162,10 @@ def train(config: TrainConfig, world: World) -> int:
     mixed = resolve_precision(config, device) == "bf16-mixed"
     autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=mixed)  # noqa: E731
     train_set, val_set, val_full = build_datasets(config)
-    model = build_model(config, device, resume_from)
+    sharded = config.sharding == "fsdp"
+    model = build_model(config, device, resume_from if resume_from is not None and not is_sharded(resume_from) else None)
+    if sharded:
+        shard_model(model, world)  # before any optimiser: FSDP2 puts sharded parameters in place
     total_steps = config.stage1_steps + config.stage2_steps
     step, position, bad_steps = 0, 0, 0
     val_history: list[dict] = []
@@ -175,23 +181,26 @@ def train(config: TrainConfig, world: World) -> int:
                          for sig in (signal.SIGINT, signal.SIGTERM)}
 
     def evaluate(after: str) -> None:
-        if world.is_main:
-            with autocast():
-                entry = {"after": after, "step": step, **validate(model, val_set, size=config.val_size, batch_size=config.val_batch_size)}
-                if val_full is not None:
-                    entry["full"] = validate(model, val_full, size=config.val_size, batch_size=config.val_batch_size)
-            val_history.append(entry)
-            say(f"val after {after}: " + ", ".join(f"{k} {v:.3f}" for k, v in entry.items() if isinstance(v, float)), flush=True)
-            log.write({"step": step, "stage": "val", **{f"val/{k}": v for k, v in entry.items() if isinstance(v, float)}})
-        world.barrier()
+        with gathered(model):  # FSDP2: every process all-gathers the parameters, process 0 validates
+            if world.is_main:
+                with autocast():
+                    entry = {"after": after, "step": step, **validate(model, val_set, size=config.val_size, batch_size=config.val_batch_size)}
+                    if val_full is not None:
+                        entry["full"] = validate(model, val_full, size=config.val_size, batch_size=config.val_batch_size)
+                val_history.append(entry)
+                say(f"val after {after}: " + ", ".join(f"{k} {v:.3f}" for k, v in entry.items() if isinstance(v, float)), flush=True)
+                log.write({"step": step, "stage": "val", **{f"val/{k}": v for k, v in entry.items() if isinstance(v, float)}})
+            world.barrier()
 
     def checkpoint(name: str = "latest_step") -> None:
+        trainer_state = {"config": config_dict, "step": step, "position": batches.position, "val": val_history,
+                         "scheduler": scheduler.state_dict(), "wall_time": wall_before + time.time() - started}
+        if sharded:  # every process writes its shards; stage1 and final also as full save_pretrained files
+            save_sharded_checkpoint(checkpoints, name, model, optimizer, trainer_state, world,
+                                    full_model=name in ("stage1", "final"))
+            return
         if world.is_main:
-            save_checkpoint(checkpoints, name, model, {
-                "config": config_dict, "step": step, "position": batches.position, "val": val_history,
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "wall_time": wall_before + time.time() - started,
-            })
+            save_checkpoint(checkpoints, name, model, {**trainer_state, "optimizer": optimizer.state_dict()})
         world.barrier()
 
     started = time.time()
@@ -207,16 +216,22 @@ def train(config: TrainConfig, world: World) -> int:
             else (config.stage2_train, config.lr, config.stage2_steps)
         )
         optimizer, scheduler = build_optimizer(parameters_of(model, parts), lr, steps, config, device)
-        forward = data_parallel(model, world)  # after the trainable parameters are chosen
-        if name == "grpo" and config.beta > 0:  # LENS: the reference is the stage-1 model
+        forward = model if sharded else data_parallel(model, world)  # after the trainable parameters are chosen
+        if name == "grpo" and config.beta > 0:  # LENS: the reference is the stage-1 model (whole on every process)
             stage1 = checkpoints / "stage1"
-            reference = from_pretrained(stage1, device=device) if stage1.exists() else copy.deepcopy(model)
+            if stage1.exists():
+                reference = from_pretrained(stage1, device=device)
+            else:
+                reference = unsharded_copy(model) if sharded else copy.deepcopy(model)
             reference.requires_grad_(False).eval()
 
     batches = Batches(train_set, model, position, world)
     enter_stage(stage)
     if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
+        if sharded:
+            load_sharded_checkpoint(resume_from, model, optimizer)
+        else:
+            optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
     model.train()
     bar = tqdm(total=total_steps, initial=step, disable=not (config.progress and world.is_main), unit="step", dynamic_ncols=True)
@@ -248,7 +263,7 @@ def train(config: TrainConfig, world: World) -> int:
                 group, temperature = config.num_generations, config.temperature
                 generators = sampling_generators(config.seed, step, first_prompt, len(samples), device)
                 model.eval()
-                with torch.no_grad(), autocast():
+                with torch.no_grad(), autocast(), gathered(model):  # FSDP2: generation lengths differ by process
                     completions = model.generate(
                         prompts, model.encode(images, sam=False), num_generations=group, max_new_tokens=config.max_new_tokens,
                         temperature=temperature, top_p=config.top_p, top_k=config.top_k, generator=generators,
@@ -309,7 +324,7 @@ def train(config: TrainConfig, world: World) -> int:
                         raise Stop(f"{bad_steps} consecutive non-finite losses at step {step}")
                     break
                 bad_steps = 0
-                loss.backward()  # DDP averages the gradients over processes here
+                loss.backward()  # DDP (all-reduce) or FSDP2 (reduce-scatter) averages the gradients over processes here
                 grad_norm = torch.nn.utils.clip_grad_norm_(
                     [p for g in optimizer.param_groups for p in g["params"]], config.grad_clip or float("inf"))
                 optimizer.step()

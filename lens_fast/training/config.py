@@ -16,6 +16,7 @@ from lens_fast.data.synthetic import KINDS
 from lens_fast.model.config import MODES
 from lens_fast.model.lens import PARTS
 from lens_fast.model.prompts import PROMPT_STYLES
+from lens_fast.training.distributed import SHARDINGS
 from lens_fast.training.grpo import AGGREGATIONS, IMPORTANCE_LEVELS, LOSS_TYPES, SCALE_REWARDS
 from lens_fast.training.rollout_rewards import REWARDS
 
@@ -39,6 +40,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto: cuda when available, else cpu
     threads: int = 1  # torch CPU threads (the tiny model's small ops run fastest on one)
+    sharding: str = "ddp"  # ddp (every process holds the model) | fsdp (FSDP2: parameters, gradients and AdamW states sharded across processes; sharded checkpoints)
     precision: str = "auto"  # auto (bf16-mixed on CUDA, fp32 on CPU) | fp32 | bf16-mixed (fp32 weights and optimiser, bf16 autocast) | bf16 (bf16 weights: updates below half a bf16 ulp are lost)
     log_every: int = 1  # steps between metrics.jsonl lines
     checkpoint_every: int = 200  # steps; also at each stage's end and on SIGINT/SIGTERM
@@ -119,7 +121,7 @@ class TrainConfig:
             reward_aggregation=AGGREGATIONS, scale_rewards=SCALE_REWARDS, loss_type=LOSS_TYPES,
             importance_sampling_level=IMPORTANCE_LEVELS, lr_schedule=("cosine", "constant"),
             sam_type=("vit_b", "vit_l", "vit_h"), precision=("auto", "fp32", "bf16-mixed", "bf16"), dataset=("refcoco", "refcoco+", "refcocog"),
-            plan_weights=PLAN_WEIGHTS, plan_states=PLAN_STATES, plan_attention=PLAN_ATTENTION,
+            sharding=SHARDINGS, plan_weights=PLAN_WEIGHTS, plan_states=PLAN_STATES, plan_attention=PLAN_ATTENTION,
         )
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
