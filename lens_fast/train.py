@@ -322,6 +322,8 @@ def train(config: TrainConfig, world: World) -> int:
                         log.write({"step": step, "stage": stage, "skipped": "non-finite loss", "loss": None})
                     if bad_steps >= config.max_bad_steps:
                         raise Stop(f"{bad_steps} consecutive non-finite losses at step {step}")
+                    if sharded:
+                        model.reset_iter_state()  # FSDP2: a forward without its backward
                     break
                 bad_steps = 0
                 loss.backward()  # DDP (all-reduce) or FSDP2 (reduce-scatter) averages the gradients over processes here

@@ -20,7 +20,10 @@ from typing import Any, Optional
 import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict, set_state_dict
+from torch.distributed.checkpoint import DefaultLoadPlanner
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions, get_model_state_dict, get_state_dict, set_model_state_dict, set_optimizer_state_dict,
+)
 
 from lens_fast.model import LensModel, build_lens
 from lens_fast.training.distributed import World
@@ -83,11 +86,16 @@ def save_sharded_checkpoint(root: Path, name: str, model: LensModel, optimizer: 
 
 def load_sharded_checkpoint(path: Path, model: LensModel, optimizer: torch.optim.Optimizer) -> None:
     """Collective: load the model and optimiser shards of sharded checkpoint ``path`` into the
-    FSDP2-sharded ``model`` and its ``optimizer`` (written at any process count)."""
+    FSDP2-sharded ``model`` and its ``optimizer`` (written at any process count). Every model
+    tensor must be in the checkpoint; AdamW states only for the parameters that had a gradient
+    before it was written (the others, e.g. SAM's unused point embeddings, have none: their fresh
+    zero states are never used, AdamW skips a parameter without a gradient)."""
     model_state, optimizer_state = get_state_dict(model, optimizer)
-    state = {"model": model_state, "optimizer": optimizer_state}
-    dcp.load(state, checkpoint_id=path / SHARDS_DIR)
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    shards = path / SHARDS_DIR
+    dcp.load({"model": model_state}, checkpoint_id=shards)
+    set_model_state_dict(model, model_state)
+    dcp.load({"optimizer": optimizer_state}, checkpoint_id=shards, planner=DefaultLoadPlanner(allow_partial_load=True))
+    set_optimizer_state_dict(model, optimizer, optimizer_state, options=StateDictOptions(strict=False))
 
 
 def is_sharded(path: Path) -> bool:
