@@ -176,6 +176,14 @@ def train(config: TrainConfig, world: World) -> int:
         say(f"resuming from {resume_from} at step {step} ({world.size} process(es))")
     log = MetricsLog(output_dir, resume_step=step if state is not None else None) if world.is_main else None
 
+    def log_val(entry: dict) -> None:
+        log.write({"step": entry["step"], "stage": "val", **{f"val/{k}": v for k, v in entry.items() if isinstance(v, float)}})
+
+    if state is not None and world.is_main:  # the checkpoint's validation at its own step (the log restarts there)
+        for entry in val_history:
+            if entry["step"] == step:
+                log_val(entry)
+
     stop_signal: list[int] = []
     previous_handlers = {sig: signal.signal(sig, lambda number, frame: stop_signal.append(number))
                          for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -189,7 +197,7 @@ def train(config: TrainConfig, world: World) -> int:
                         entry["full"] = validate(model, val_full, size=config.val_size, batch_size=config.val_batch_size)
                 val_history.append(entry)
                 say(f"val after {after}: " + ", ".join(f"{k} {v:.3f}" for k, v in entry.items() if isinstance(v, float)), flush=True)
-                log.write({"step": step, "stage": "val", **{f"val/{k}": v for k, v in entry.items() if isinstance(v, float)}})
+                log_val(entry)
             world.barrier()
 
     def checkpoint(name: str = "latest_step") -> None:
@@ -206,7 +214,9 @@ def train(config: TrainConfig, world: World) -> int:
     started = time.time()
     if not val_history:
         evaluate("start")
-    stage = "align" if step < config.stage1_steps else "grpo"
+    # a checkpoint written at the last stage-1 step, before stage 1's validation and checkpoint, is still in stage 1
+    stage1_done = step > config.stage1_steps or any(e["after"] == "stage1" for e in val_history)
+    stage = "align" if config.stage1_steps and not stage1_done else "grpo"
     optimizer = scheduler = reference = forward = None
 
     def enter_stage(name: str) -> None:
@@ -365,7 +375,9 @@ def train(config: TrainConfig, world: World) -> int:
         for sig, handler in previous_handlers.items():
             signal.signal(sig, handler)
 
-    evaluate("stage1" if config.stage2_steps == 0 else "stage2")
+    last = "stage1" if config.stage2_steps == 0 else "stage2"
+    if not any(e["after"] == last for e in val_history):  # (a resumed finished run has it)
+        evaluate(last)
     checkpoint("final")
     if world.is_main:
         wall = wall_before + time.time() - started
