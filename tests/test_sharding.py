@@ -130,6 +130,9 @@ def test_sharding_option_is_checked():
     assert TrainConfig().sharding == "ddp"
     with pytest.raises(ValueError, match=r"sharding must be one of \('ddp', 'fsdp'\), got 'zero3'"):
         TrainConfig(sharding="zero3")
+    with pytest.raises(ValueError, match="sharding 'fsdp' needs fp32 weights .* got precision 'bf16'"):
+        TrainConfig(sharding="fsdp", precision="bf16")
+    assert TrainConfig(sharding="fsdp", precision="bf16-mixed").sharding == "fsdp"
 
 
 def test_not_sharded_model_is_untouched_by_gathered():

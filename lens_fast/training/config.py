@@ -145,6 +145,9 @@ class TrainConfig:
         for name in ("stage1_lr", "lr", "weight_decay", "grad_clip", "beta", "epsilon", "sft_weight", "mask_loss_weight"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.sharding == "fsdp" and self.precision == "bf16":
+            raise ValueError("sharding 'fsdp' needs fp32 weights (precision auto, fp32 or bf16-mixed), got precision 'bf16': "
+                             "bf16 weights keep SAM's prompt encoder in fp32 and FSDP2 needs one dtype per unit")
         if self.epsilon_high is not None and not self.epsilon_high >= 0:
             raise ValueError(f"epsilon_high must be >= 0 or null, got {self.epsilon_high}")
         if not self.plan_gpu_memory_gb > 0:
