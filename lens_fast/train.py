@@ -28,9 +28,12 @@ from lens_fast.data import SyntheticConfig, SyntheticRefDataset
 from lens_fast.model import Completions, ImageCache, LensModel, PromptBatch, build_tiny_lens, from_components, from_pretrained
 from lens_fast.training import grpo
 from lens_fast.training.batches import Batches, MicroBatch, micro_batches, sampling_generators
-from lens_fast.training.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint, set_rng_state
+from lens_fast.training.checkpoint import (
+    is_sharded, latest_checkpoint, load_sharded_checkpoint, load_trainer_state, save_checkpoint, save_sharded_checkpoint,
+    set_rng_state, unsharded_copy,
+)
 from lens_fast.training.config import TrainConfig, parse_args
-from lens_fast.training.distributed import World, close_world, data_parallel, gradient_sync, init_world
+from lens_fast.training.distributed import World, close_world, data_parallel, gathered, gradient_sync, init_world, shard_model
 from lens_fast.training.log import MetricsLog, plot_curves
 from lens_fast.training.losses import answer_nll
 from lens_fast.training.optim import LeanAdamW, build_adamw, clip_grad_norm
@@ -124,7 +127,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    world = init_world(config.device)
+    world = init_world(config.device, config.sharding)
     if world.is_main:  # the model layer logs its choices (attention implementation, ...)
         logging.basicConfig(format="%(name)s: %(message)s")
         logging.getLogger("lens_fast").setLevel(logging.INFO)
@@ -164,7 +167,10 @@ def train(config: TrainConfig, world: World) -> int:
     mixed = resolve_precision(config, device) == "bf16-mixed"
     autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=mixed)  # noqa: E731
     train_set, val_set, val_full = build_datasets(config)
-    model = build_model(config, device, resume_from)
+    sharded = config.sharding == "fsdp"
+    model = build_model(config, device, resume_from if resume_from is not None and not is_sharded(resume_from) else None)
+    if sharded:
+        shard_model(model, world)  # before any optimiser: FSDP2 puts sharded parameters in place
     total_steps = config.stage1_steps + config.stage2_steps
     step, position, bad_steps = 0, 0, 0
     val_history: list[dict] = []
@@ -175,34 +181,47 @@ def train(config: TrainConfig, world: World) -> int:
         say(f"resuming from {resume_from} at step {step} ({world.size} process(es))")
     log = MetricsLog(output_dir, resume_step=step if state is not None else None) if world.is_main else None
 
+    def log_val(entry: dict) -> None:
+        log.write({"step": entry["step"], "stage": "val", **{f"val/{k}": v for k, v in entry.items() if isinstance(v, float)}})
+
+    if state is not None and world.is_main:  # the checkpoint's validation at its own step (the log restarts there)
+        for entry in val_history:
+            if entry["step"] == step:
+                log_val(entry)
+
     stop_signal: list[int] = []
     previous_handlers = {sig: signal.signal(sig, lambda number, frame: stop_signal.append(number))
                          for sig in (signal.SIGINT, signal.SIGTERM)}
 
     def evaluate(after: str) -> None:
-        if world.is_main:
-            with autocast():
-                entry = {"after": after, "step": step, **validate(model, val_set, size=config.val_size, batch_size=config.val_batch_size)}
-                if val_full is not None:
-                    entry["full"] = validate(model, val_full, size=config.val_size, batch_size=config.val_batch_size)
-            val_history.append(entry)
-            say(f"val after {after}: " + ", ".join(f"{k} {v:.3f}" for k, v in entry.items() if isinstance(v, float)), flush=True)
-            log.write({"step": step, "stage": "val", **{f"val/{k}": v for k, v in entry.items() if isinstance(v, float)}})
-        world.barrier()
+        with gathered(model):  # FSDP2: every process all-gathers the parameters, process 0 validates
+            if world.is_main:
+                with autocast():
+                    entry = {"after": after, "step": step, **validate(model, val_set, size=config.val_size, batch_size=config.val_batch_size)}
+                    if val_full is not None:
+                        entry["full"] = validate(model, val_full, size=config.val_size, batch_size=config.val_batch_size)
+                val_history.append(entry)
+                say(f"val after {after}: " + ", ".join(f"{k} {v:.3f}" for k, v in entry.items() if isinstance(v, float)), flush=True)
+                log_val(entry)
+            world.barrier()
 
     def checkpoint(name: str = "latest_step") -> None:
+        trainer_state = {"config": config_dict, "step": step, "position": batches.position, "val": val_history,
+                         "scheduler": scheduler.state_dict(), "wall_time": wall_before + time.time() - started}
+        if sharded:  # every process writes its shards; stage1 and final also as full save_pretrained files
+            save_sharded_checkpoint(checkpoints, name, model, optimizer, trainer_state, world,
+                                    full_model=name in ("stage1", "final"))
+            return
         if world.is_main:
-            save_checkpoint(checkpoints, name, model, {
-                "config": config_dict, "step": step, "position": batches.position, "val": val_history,
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "wall_time": wall_before + time.time() - started,
-            })
+            save_checkpoint(checkpoints, name, model, {**trainer_state, "optimizer": optimizer.state_dict()})
         world.barrier()
 
     started = time.time()
     if not val_history:
         evaluate("start")
-    stage = "align" if step < config.stage1_steps else "grpo"
+    # a checkpoint written at the last stage-1 step, before stage 1's validation and checkpoint, is still in stage 1
+    stage1_done = step > config.stage1_steps or any(e["after"] == "stage1" for e in val_history)
+    stage = "align" if config.stage1_steps and not stage1_done else "grpo"
     optimizer = scheduler = reference = forward = None
     trains_encoders = False  # the stage trains the policy's vision tower or SAM's image encoder
 
@@ -216,16 +235,22 @@ def train(config: TrainConfig, world: World) -> int:
             optimizer.close()  # its step-in-backward hooks leave the parameters
         optimizer, scheduler = build_optimizer(parameters_of(model, parts), lr, steps, config)
         trains_encoders = any(p.requires_grad for part in ("vision", "sam_encoder") for m in model.parts()[part] for p in m.parameters())
-        forward = data_parallel(model, world)  # after the trainable parameters are chosen
-        if name == "grpo" and config.beta > 0:  # LENS: the reference is the stage-1 model
+        forward = model if sharded else data_parallel(model, world)  # after the trainable parameters are chosen
+        if name == "grpo" and config.beta > 0:  # LENS: the reference is the stage-1 model (whole on every process)
             stage1 = checkpoints / "stage1"
-            reference = from_pretrained(stage1, device=device) if stage1.exists() else copy.deepcopy(model)
+            if stage1.exists():
+                reference = from_pretrained(stage1, device=device)
+            else:
+                reference = unsharded_copy(model) if sharded else copy.deepcopy(model)
             reference.requires_grad_(False).eval()
 
     batches = Batches(train_set, model, position, world)
     enter_stage(stage)
     if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
+        if sharded:
+            load_sharded_checkpoint(resume_from, model, optimizer)
+        else:
+            optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
     model.train()
     bar = tqdm(total=total_steps, initial=step, disable=not (config.progress and world.is_main), unit="step", dynamic_ncols=True)
@@ -259,19 +284,22 @@ def train(config: TrainConfig, world: World) -> int:
             else:
                 temperature = config.temperature
                 # One encoding serves sampling and the update: without gradient when the encoders are frozen,
-                # with it when they train and one pass takes every row (the graph waits for that backward).
-                with torch.set_grad_enabled(trains_encoders and len(passes) == 1), autocast():
-                    encoding = model.encode(images, sam=not trains_encoders)
-                cache = encoding if not trains_encoders or len(passes) == 1 else None
+                # with it when they train and one pass takes every row (the graph waits for that backward; not
+                # under FSDP2, whose root parameters are gathered with grad only inside the model's forward).
+                keep_graph = trains_encoders and len(passes) == 1 and not sharded
                 generators = sampling_generators(config.seed, step, first_prompt, len(samples), device)
-                model.eval()
-                with torch.no_grad(), autocast():
-                    completions = model.generate(
-                        prompts, encoding.detach(), num_generations=group, max_new_tokens=config.max_new_tokens,
-                        temperature=temperature, top_p=config.top_p, top_k=config.top_k, generator=generators,
-                        kv_cache=config.kv_cache,
-                    )
-                model.train()
+                with gathered(model):  # FSDP2: every parameter for the rollout (generation lengths differ by process)
+                    with torch.set_grad_enabled(keep_graph), autocast():
+                        encoding = model.encode(images, sam=not trains_encoders)
+                    model.eval()
+                    with torch.no_grad(), autocast():
+                        completions = model.generate(
+                            prompts, encoding.detach(), num_generations=group, max_new_tokens=config.max_new_tokens,
+                            temperature=temperature, top_p=config.top_p, top_k=config.top_k, generator=generators,
+                            kv_cache=config.kv_cache,
+                        )
+                    model.train()
+                cache = encoding if not trains_encoders or keep_graph else None
                 texts = model.decode_text(completions)
                 loss_mask = completions.mask & ~completions.truncated[:, None] if config.mask_truncated_completions else completions.mask
                 ref_logp = None
@@ -346,13 +374,15 @@ def train(config: TrainConfig, world: World) -> int:
                         finite = not world.any(not torch.isfinite(loss))
                         if not finite:
                             break
-                        loss.backward()  # DDP averages the gradients over processes at the last pass
+                        loss.backward()  # DDP (all-reduce) or FSDP2 (reduce-scatter) averages gradients at the last pass
                 if not finite:
                     bad_steps += 1
                     if world.is_main:
                         log.write({"step": step, "stage": stage, "skipped": "non-finite loss", "loss": None})
                     if bad_steps >= config.max_bad_steps:
                         raise Stop(f"{bad_steps} consecutive non-finite losses at step {step}")
+                    if sharded:
+                        model.reset_iter_state()  # FSDP2: a forward without its backward
                     break
                 bad_steps = 0
                 grad_norm = clip_grad_norm(optimizer, config.grad_clip or float("inf"))
@@ -397,7 +427,9 @@ def train(config: TrainConfig, world: World) -> int:
         for sig, handler in previous_handlers.items():
             signal.signal(sig, handler)
 
-    evaluate("stage1" if config.stage2_steps == 0 else "stage2")
+    last = "stage1" if config.stage2_steps == 0 else "stage2"
+    if not any(e["after"] == last for e in val_history):  # (a resumed finished run has it)
+        evaluate(last)
     checkpoint("final")
     if world.is_main:
         wall = wall_before + time.time() - started

@@ -1,5 +1,5 @@
-"""Data parallelism: torchrun with 2 gloo processes matches one process with the same global batch,
-and its checkpoint resumes in one process."""
+"""Data parallelism: torchrun with 2 gloo processes matches one process with the same global batch
+(DDP, and FSDP2 with sharded checkpoints), and checkpoints resume at another process count."""
 import json
 import os
 import signal
@@ -12,13 +12,15 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from lens_fast.model import from_pretrained
 from lens_fast.training import grpo
 from lens_fast.training.distributed import World
 from test_train import FAST, _wait_for_checkpoint, records
 
 ARGS = [*FAST, "--stage1-steps", "8", "--stage2-steps", "4", "--checkpoint-every", "4", "--beta", "0.04",
         "--stage1-batch-size", "4", "--batch-size", "2", "--loss-type", "dapo"]  # dapo: token mean over every process
-KEYS = ("loss", "bce", "dice", "answer_nll", "policy_loss", "reward/total/mean", "kl", "val/mask_iou", "val/box_iou")
+KEYS = ("loss", "bce", "dice", "answer_nll", "policy_loss", "reward/total/mean", "kl", "grad_norm", "val/mask_iou",
+        "val/box_iou")
 
 
 def _env():
@@ -36,6 +38,32 @@ def _torchrun(output, *extra):
             "-m", "lens_fast.train", *ARGS, "--output-dir", str(output), *extra]
 
 
+def _one(output, *extra):
+    return [sys.executable, "-m", "lens_fast.train", *ARGS, "--output-dir", str(output), *extra]
+
+
+def _kill_after_checkpoint(command, output, step):
+    """Start ``command``, SIGKILL its process group once a checkpoint of ``step`` or later exists."""
+    process = subprocess.Popen(command, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    _wait_for_checkpoint(output, step, process)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+
+def _resume(command):
+    resumed = subprocess.run([*command, "--resume", "true"], env=_env(), capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    return resumed.stdout
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    """The metrics of an uninterrupted one-process (DDP path) run of ARGS, and its directory."""
+    output = tmp_path_factory.mktemp("single")
+    subprocess.run(_one(output), check=True, env=_env(), capture_output=True)
+    return output
+
+
 def _compare(a, b):
     assert [r["step"] for r in a] == [r["step"] for r in b]
     for ra, rb in zip(a, b):
@@ -45,10 +73,9 @@ def _compare(a, b):
 
 
 @pytest.mark.slow
-def test_two_gloo_processes_match_one_and_resume_in_one(tmp_path):
-    single, double, switched = tmp_path / "single", tmp_path / "double", tmp_path / "switched"
+def test_two_gloo_processes_match_one_and_resume_in_one(tmp_path, single):
+    double, switched = tmp_path / "double", tmp_path / "switched"
     one = [sys.executable, "-m", "lens_fast.train", *ARGS]
-    subprocess.run([*one, "--output-dir", str(single)], check=True, env=_env(), capture_output=True)
     run = subprocess.run(_torchrun(double, "--micro-batch", "2"), env=_env(), capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-3000:]
     assert json.loads((double / "summary.json").read_text())["processes"] == 2
@@ -65,6 +92,29 @@ def test_two_gloo_processes_match_one_and_resume_in_one(tmp_path):
     assert "(1 process(es))" in resumed.stdout
     _compare(records(single), records(switched))
 
+
+@pytest.mark.slow
+def test_fsdp_matches_one_process_and_its_sharded_checkpoints_resume_at_another_process_count(tmp_path, single):
+    """FSDP2 over 2 gloo processes (micro-batches of 2 rows), killed after a checkpoint and resumed in 1 process; and a 1-process
+    FSDP2 run killed and resumed over 2: both give the uninterrupted 1-process (DDP path) run's losses,
+    gradient norms and validation; the final checkpoint is a full save_pretrained directory."""
+    two_then_one, one_then_two = tmp_path / "two_then_one", tmp_path / "one_then_two"
+    fsdp = ("--sharding", "fsdp")
+    _kill_after_checkpoint(_torchrun(two_then_one, *fsdp, "--micro-batch", "2"), two_then_one, 4)
+    assert "(1 process(es))" in _resume(_one(two_then_one, *fsdp))
+    _compare(records(single), records(two_then_one))
+
+    _kill_after_checkpoint(_one(one_then_two, *fsdp), one_then_two, 4)
+    _resume(_torchrun(one_then_two, *fsdp))
+    assert json.loads((one_then_two / "summary.json").read_text())["processes"] == 2
+    _compare(records(single), records(one_then_two))
+
+    for name in ("stage1", "final"):
+        sharded = from_pretrained(one_then_two / "checkpoints" / name).state_dict()
+        plain = from_pretrained(single / "checkpoints" / name).state_dict()
+        assert sharded.keys() == plain.keys()
+        for key, value in plain.items():
+            torch.testing.assert_close(sharded[key], value, rtol=1e-3, atol=1e-4, msg=f"{name}: {key}")
 
 
 def _dapo_inputs(layer: torch.nn.Module):

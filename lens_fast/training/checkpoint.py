@@ -1,6 +1,13 @@
 """Training checkpoints: model, optimiser, scheduler, RNG states, step and data position, written
 atomically (temporary directory + rename) under ``<output_dir>/checkpoints/``; ``latest`` points at
-the newest complete one."""
+the newest complete one.
+
+Two formats: a full checkpoint (process 0 writes ``save_pretrained`` files + the optimiser's state
+dict in ``trainer_state.pt``; DDP and single-process runs) and a sharded one (FSDP2 runs: every
+process writes its shard of model and optimiser states with ``torch.distributed.checkpoint`` under
+``shards/``, loadable at any process count; ``trainer_state.pt`` holds the rest). A sharded
+``stage1`` or ``final`` also holds the full ``save_pretrained`` files, so that ``from_pretrained``
+reads it (the reference model, ``lens_fast.eval --checkpoint``)."""
 from __future__ import annotations
 
 import json
@@ -12,10 +19,17 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import DefaultLoadPlanner
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions, get_model_state_dict, get_state_dict, set_model_state_dict, set_optimizer_state_dict,
+)
 
-from lens_fast.model import LensModel
+from lens_fast.model import LensModel, build_lens
+from lens_fast.training.distributed import World
 
 STATE_FILE = "trainer_state.pt"
+SHARDS_DIR = "shards"
 VERSION = 1
 COMPATIBLE_KEYS_IGNORED = ("output_dir", "resume", "progress", "log_every", "checkpoint_every", "device", "max_bad_steps",
                            "threads", "micro_batch", "kv_cache")
@@ -42,11 +56,76 @@ def set_rng_state(state: dict) -> None:
 def save_checkpoint(root: Path, name: str, model: LensModel, trainer_state: dict) -> Path:
     """Write ``root/name`` atomically (a crash leaves the previous checkpoint intact) and point
     ``root/latest`` at it. ``trainer_state``: picklable (optimiser/scheduler state dicts, step...)."""
+    staging = _staging(root, name)
+    model.save_pretrained(staging)
+    torch.save({"version": VERSION, **trainer_state, "rng": rng_state()}, staging / STATE_FILE)
+    return _publish(staging, root, name)
+
+
+def save_sharded_checkpoint(root: Path, name: str, model: LensModel, optimizer: torch.optim.Optimizer,
+                            trainer_state: dict, world: World, *, full_model: bool = False) -> None:
+    """Collective (every process calls it): write ``root/name`` with each process's shard of the
+    FSDP2-sharded ``model``'s and ``optimizer``'s states (``torch.distributed.checkpoint``), process 0's
+    ``trainer_state`` (picklable, without the optimiser) and RNG states, and with ``full_model`` also
+    the full ``save_pretrained`` files (gathered on process 0's CPU). Atomic as
+    :func:`save_checkpoint`: ``latest`` moves once every shard is written."""
+    staging = root / f".{name}.tmp"
+    if world.is_main:
+        _staging(root, name)
+    world.barrier()
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=staging / SHARDS_DIR)
+    if full_model:
+        copy = unsharded_copy(model, main_only=True)
+        if copy is not None:
+            copy.save_pretrained(staging)
+    if world.is_main:
+        torch.save({"version": VERSION, **trainer_state, "rng": rng_state()}, staging / STATE_FILE)
+        _publish(staging, root, name)
+    world.barrier()
+
+
+def load_sharded_checkpoint(path: Path, model: LensModel, optimizer: torch.optim.Optimizer) -> None:
+    """Collective: load the model and optimiser shards of sharded checkpoint ``path`` into the
+    FSDP2-sharded ``model`` and its ``optimizer`` (written at any process count). Every model
+    tensor must be in the checkpoint; AdamW states only for the parameters that had a gradient
+    before it was written (the others, e.g. SAM's unused point embeddings, have none: their fresh
+    zero states are never used, AdamW skips a parameter without a gradient)."""
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    shards = path / SHARDS_DIR
+    dcp.load({"model": model_state}, checkpoint_id=shards)
+    set_model_state_dict(model, model_state)
+    dcp.load({"optimizer": optimizer_state}, checkpoint_id=shards, planner=DefaultLoadPlanner(allow_partial_load=True))
+    set_optimizer_state_dict(model, optimizer, optimizer_state, options=StateDictOptions(strict=False))
+
+
+def is_sharded(path: Path) -> bool:
+    """Whether checkpoint ``path`` holds model and optimiser shards (else: full files)."""
+    return (path / SHARDS_DIR).is_dir()
+
+
+def unsharded_copy(model: LensModel, *, main_only: bool = False) -> Optional[LensModel]:
+    """A plain (unsharded) LensModel with the weights of FSDP2-sharded ``model`` (collective): on every
+    process on the model's device, or with ``main_only`` on process 0's CPU only (None elsewhere)."""
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=main_only))
+    if not state:
+        return None
+    device = "cpu" if main_only else model.device
+    copy = build_lens(model.config, model.tokenizer, device=device, dtype=torch.float32)
+    copy.load_state_dict(state)
+    return copy.to(model.policy.lm_head.weight.dtype)
+
+
+def _staging(root: Path, name: str) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     staging = root / f".{name}.tmp"
     shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging)
-    torch.save({"version": VERSION, **trainer_state, "rng": rng_state()}, staging / STATE_FILE)
+    staging.mkdir()
+    return staging
+
+
+def _publish(staging: Path, root: Path, name: str) -> Path:
+    """Rename the complete ``staging`` directory to ``root/name`` and point ``root/latest`` at it."""
     final = root / name
     old = root / f".{name}.old"
     if final.exists():

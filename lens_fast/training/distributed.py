@@ -1,21 +1,32 @@
 """Data parallelism with PyTorch's own engine: ``torchrun --nproc_per_node N -m lens_fast.train``.
 
-Every process holds the whole model; each takes its share of every batch's prompts (a batch of B
-prompts is split into N contiguous slices of B / N), rewards and advantages are computed per group
-(a group never spans processes), gradients are averaged by ``DistributedDataParallel`` during
-backward, logged metrics are averaged over processes, and process 0 validates and writes
-checkpoints (which resume at any process count: data positions and sampling seeds are global).
+Each process takes its share of every batch's prompts (a batch of B prompts is split into N
+contiguous slices of B / N), rewards and advantages are computed per group (a group never spans
+processes), gradients are averaged over processes during backward, logged metrics are averaged, and
+process 0 validates. Two engines (``sharding``):
+
+- ``ddp``: every process holds the whole model (``DistributedDataParallel``); process 0 writes
+  checkpoints.
+- ``fsdp``: FSDP2 (``fully_shard``) shards parameters, gradients and AdamW states across processes
+  (:func:`shard_model`); calls outside the training forward (generation, validation) run inside
+  :func:`gathered`, and every process writes its shard of each checkpoint.
+
+Checkpoints resume at any process count (data positions and sampling seeds are global).
 """
 from __future__ import annotations
 
-import contextlib
 import os
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import ContextManager, Optional
+from typing import ContextManager, Iterator, Optional
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, fully_shard
+
+SHARDINGS = ("ddp", "fsdp")
 
 
 @dataclass(frozen=True)
@@ -59,8 +70,9 @@ class World:
         return bool(value.item() > 0)
 
 
-def init_world(device: str) -> World:
-    """Join the process group torchrun set up (WORLD_SIZE > 1: gloo on CPU, nccl on CUDA), or a world of one."""
+def init_world(device: str, sharding: str = "ddp") -> World:
+    """Join the process group torchrun set up (WORLD_SIZE > 1: gloo on CPU, nccl on CUDA), or a world of
+    one (with ``sharding="fsdp"``, a process group of one: FSDP2 needs one)."""
     size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -69,13 +81,16 @@ def init_world(device: str) -> World:
     chosen = torch.device(f"cuda:{local}" if device == "cuda" else device)
     if chosen.type == "cuda":
         torch.cuda.set_device(chosen)
+    backend = "nccl" if chosen.type == "cuda" else "gloo"
     if size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if chosen.type == "cuda" else "gloo")
+        dist.init_process_group(backend)
+    elif sharding == "fsdp" and not dist.is_initialized():
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     return World(rank, size, chosen)
 
 
 def close_world(world: World) -> None:
-    if world.size > 1 and dist.is_initialized():
+    if dist.is_initialized():
         dist.destroy_process_group()
 
 
@@ -88,9 +103,76 @@ def data_parallel(module: nn.Module, world: World) -> nn.Module:
     return nn.parallel.DistributedDataParallel(module, device_ids=ids, find_unused_parameters=True)
 
 
+def fsdp_units(model: nn.Module) -> list[nn.Module]:
+    """The modules :func:`shard_model` shards one by one: each decoder layer of the policy's language
+    model and each block of its vision tower (called through their ``forward``, one chain: the vision
+    tower feeds the language model). Everything else (embeddings and the tied LM head, norms, the
+    vision merger, queries, connector, all of SAM) forms the root unit, gathered for the whole pass.
+    SAM's encoder blocks are not units: they sit on a branch parallel to the policy, whose backward
+    the autograd engine may interleave with the policy's in a different order on each process (their
+    graphs differ with the images' sizes), and FSDP2's collectives must come in the same order."""
+    policy = model.policy
+    return [*policy.language_model.layers, *policy.visual.blocks]
+
+
+def shard_model(model: nn.Module, world: World) -> nn.Module:
+    """Shard ``model`` (a LensModel) in place with FSDP2 over the world's processes: every
+    :func:`fsdp_units` module, then the root. Gradients are averaged over processes (reduce-scatter,
+    mean: as DDP's all-reduce); parameters are all-gathered in their own dtype (fp32 under
+    ``bf16-mixed``, autocast computes in bf16 as with DDP). Frozen parameters are sharded too and get
+    no gradient. Call it once, before building an optimiser; trainable parts may change afterwards
+    (``requires_grad_`` on the sharded parameters)."""
+    mesh = init_device_mesh(world.device.type, (world.size,))
+    for unit in fsdp_units(model):
+        fully_shard(unit, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    # Answer-prompted SAM (``prompts`` mode) is skipped on a process whose answers all lack a box: its
+    # trainable SAM parameters then have no gradient there, and every process must reduce the same set.
+    model.set_reduce_scatter_unused_params(model.config.mode == "prompts")
+    fully_shard.state(model)._lazy_init()  # the root, before any unit's forward runs alone (gathered)
+    return model
+
+
+@contextmanager
+def gathered(model: nn.Module) -> Iterator[None]:
+    """Every parameter of an FSDP2-sharded ``model`` all-gathered for the block, for calls that do not
+    go through its ``forward`` or whose number of unit calls differs between processes (generation
+    stops when a process's completions have ended): inside, the units' hooks run no collective. Every
+    process must enter it (the all-gathers are collective). On leaving, the parameters are sharded
+    again and FSDP2's per-iteration state is reset: the forward order it recorded inside (process 0
+    validating alone, generation lengths) must not steer the next backward's prefetches, which have
+    to match on every process. Enter it between steps only. A model that is not sharded: nothing
+    happens."""
+    units = [module for module in model.modules() if isinstance(module, FSDPModule)]
+    for unit in units:
+        if unit is not model:
+            unit.set_reshard_after_forward(False, recurse=False)
+        unit.unshard()
+    try:
+        yield
+    finally:
+        for unit in units:
+            if unit is not model:
+                unit.set_reshard_after_forward(True, recurse=False)
+        if units:
+            model.reset_iter_state()  # reshards every unit
+
+
 def gradient_sync(module: nn.Module, enabled: bool) -> ContextManager:
-    """A context for one backward of a step split into micro-batches: DDP reduces gradients only when
-    ``enabled`` (the step's last backward); the others accumulate locally (``no_sync``)."""
+    """A context for one backward of a step split into micro-batches: gradients are reduced across
+    processes only when ``enabled`` (the step's last backward); the others accumulate locally (DDP's
+    ``no_sync``; FSDP2's ``set_requires_gradient_sync``: unsharded gradients kept until the last pass)."""
+    if isinstance(module, FSDPModule):
+        return _fsdp_gradient_sync(module, enabled)
     if enabled or not isinstance(module, nn.parallel.DistributedDataParallel):
-        return contextlib.nullcontext()
+        return nullcontext()
     return module.no_sync()
+
+
+@contextmanager
+def _fsdp_gradient_sync(module: FSDPModule, enabled: bool) -> Iterator[None]:
+    module.set_requires_gradient_sync(enabled)
+    try:
+        yield
+    finally:
+        module.set_requires_gradient_sync(True)

@@ -490,8 +490,8 @@ def search(facts: ModelFacts, shape: Shapes, config: TrainConfig, gpus: int, bud
     fitting, tried = [], 0
     for (weights, states, offload), step_bwd, beta0 in itertools.product(optimizers, (False, True),
                                                                          (False, True) if config.beta > 0 else (True,)):
-        if step_bwd and not offload and config.grad_clip > 0:
-            continue  # the trainer refuses it: the step comes before the global gradient norm
+        if not trainer_runs(weights, states, offload, step_bwd, gpus, config):
+            continue
         tried += 1
         base = Options(gpus=gpus, weights=weights, states=states, offload=offload, step_in_backward=step_bwd,
                        beta0=beta0, checkpointing=True, attention="flash", lean_ops=True)
@@ -503,6 +503,18 @@ def search(facts: ModelFacts, shape: Shapes, config: TrainConfig, gpus: int, bud
                 break
     fitting.sort(key=lambda e: (_changes_objective(e, config), e.step_time))
     return fitting, tried
+
+
+def trainer_runs(weights: str, states: str, offload: bool, step_in_backward: bool, gpus: int, config: TrainConfig) -> bool:
+    """Whether ``python -m lens_fast.train`` runs this combination (the search considers no other): fp32
+    master weights (``bf16-mixed``, or offloaded masters under ``bf16``) with fp32 or 8-bit states (no Kahan
+    or stochastic-rounding AdamW); over several GPUs (FSDP2) torch's AdamW only, no step in backward; step
+    in backward without offload only at ``grad_clip`` 0 (the step comes before the global gradient norm)."""
+    if weights != "master" or states not in ("fp32", "8bit"):
+        return False
+    if gpus > 1 and (offload or states != "fp32" or step_in_backward):
+        return False
+    return not (step_in_backward and not offload and config.grad_clip > 0)
 
 
 def _changes_objective(e: Estimate, config: TrainConfig) -> bool:
@@ -618,8 +630,9 @@ ASSUMPTIONS = (
     "longest completion; set --plan-completion-tokens for a typical length); the whole per-GPU group generated at once "
     "(KV cache) and gradients freed after each step; the reference is a bf16 copy of the policy only (the trainer's "
     "copy.deepcopy also copies SAM and the connector: +1.6 GB at the real sizes); the SAM encoder runs the images of one "
-    "pass at a time; FSDP2 shards the trainable modules, the frozen SAM encoder is replicated, and the policy is unsharded "
-    "for the rollout. Step times assume a 24 GB RTX 4090-class card: "
+    "pass at a time; FSDP2 shards the trainable modules and the policy is unsharded for the rollout (the trainer's "
+    "--sharding fsdp also shards the frozen SAM encoder, counted whole here: an upper bound); only combinations the "
+    "trainer runs are searched. Step times assume a 24 GB RTX 4090-class card: "
     f"{GPU_TFLOPS:g} TFLOPS sustained bf16, {GPU_BANDWIDTH / 1e12:.1f} TB/s, PCIe {PCIE_BANDWIDTH / 1e9:g} GB/s, "
     f"NCCL {BUS_BANDWIDTH / 1e9:g} GB/s per GPU, CPU AdamW {CPU_ADAM_RATE / 1e9:g} G params/s, a {DECODE_STEP_FLOOR * 1e3:g} ms "
     "floor per decode step (eager transformers), FSDP communication not overlapped (an upper bound)."
