@@ -14,8 +14,26 @@ import threading
 from typing import Any, Callable
 
 import torch
+from triton.runtime import interpreter
 from triton.runtime.interpreter import InterpretedFunction, _patch_lang
 from triton.runtime.jit import JITFunction
+
+_patch_lang_tensor = interpreter._patch_lang_tensor
+
+
+def _patch_lang_tensor_indexable(tensor: type, scope: Any) -> None:
+    """Triton's own patch of ``tl.tensor`` for the interpreter, then ``__index__`` as Triton 3.8 has it.
+
+    The interpreter holds a scalar as a 1-element array; Triton 3.6 converts it with ``int(data)``,
+    which NumPy >= 2.4 refuses for a 1-d array, so ``range(tl.program_id(0) * ROWS, ...)`` failed
+    under Triton 3.6's interpreter. Triton 3.8 squeezes first, as this does (same result there).
+    """
+    _patch_lang_tensor(tensor, scope)
+    scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+
+# ``_patch_lang`` (run at every interpreted launch and helper call) looks this name up in its module.
+interpreter._patch_lang_tensor = _patch_lang_tensor_indexable
 
 
 def _on_cuda(args: tuple, kwargs: dict) -> bool:
