@@ -28,6 +28,29 @@ def test_triton_library_functions_run_under_the_interpreter():
     torch.testing.assert_close(out, want)
 
 
+@jit
+def _rows_kernel(out_ptr, n_rows, ROWS: tl.constexpr):
+    row_tile = tl.program_id(0)
+    for row in range(row_tile * ROWS, tl.minimum(row_tile * ROWS + ROWS, n_rows)):
+        tl.store(out_ptr + row, row_tile * 100 + row)
+
+
+def test_loop_bounds_from_the_program_id_run_under_the_interpreter():
+    """range() over program-id expressions, as the row-tiled kernels loop: the interpreter's scalars are
+    1-element arrays, which Triton 3.6 could not turn into an index under NumPy >= 2.4."""
+    out = torch.full((7,), -1, dtype=torch.int32)
+    _rows_kernel[(3,)](out, 7, ROWS=3)
+    assert out.tolist() == [0, 1, 2, 103, 104, 105, 206]
+
+
+def test_interpreted_launch_restores_tensor_index():
+    """The patched ``tl.tensor.__index__`` is Triton's own restored after a launch: it only lives while
+    a kernel is interpreted."""
+    before = getattr(tl.tensor, "__index__", None)
+    _rows_kernel[(1,)](torch.zeros(3, dtype=torch.int32), 3, ROWS=3)
+    assert getattr(tl.tensor, "__index__", None) is before
+
+
 def test_interpreting_leaves_triton_language_unpatched():
     """After an interpreted launch (helpers included) a kernel still compiles for a GPU target."""
     import triton
