@@ -1,12 +1,15 @@
 """Summarises a ``tools/gpu_check.sh`` run: reads OUT/steps.tsv (name, exit status, seconds, JUnit XML
-path or "-" per step), the JUnit XML of each pytest step and
-pytest-benchmark's JSON, and writes OUT/gpu_check.json (environment, steps with their test counts,
-failures and skip reasons, benchmark figures). Exit status 1 when a step failed, else 0.
+path or "-" per step; exit code -1: not run, the time budget was spent), the JUnit XML of each
+pytest step and pytest-benchmark's JSON, and writes OUT/gpu_check.json (environment, steps with their
+test counts, failures and skip reasons, benchmark figures). Exit status 1 when a step failed or was not
+run, else 0. ``gpu_check.sh`` runs it after every step: the environment (versions, GPU) is read at the
+first run and kept from the existing gpu_check.json after that.
 
 Usage: python tools/gpu_check_report.py OUT
 """
 from __future__ import annotations
 
+import importlib
 import json
 import sys
 import xml.etree.ElementTree as ET
@@ -15,6 +18,8 @@ from pathlib import Path
 
 # pytest's exit status 5: no test was collected (all deselected), not a failure.
 NOTHING_COLLECTED = 5
+# gpu_check.sh's exit code of a step it did not start: the time budget was spent.
+NOT_RUN = -1
 
 
 def environment() -> dict:
@@ -28,12 +33,11 @@ def environment() -> dict:
         env["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     except ImportError as error:
         env["torch"] = f"not importable: {error}"
-    try:
-        import triton
-
-        env["triton"] = triton.__version__
-    except ImportError:
-        env["triton"] = None
+    for name in ("triton", "transformers", "numpy"):
+        try:
+            env[name] = importlib.import_module(name).__version__
+        except ImportError:
+            env[name] = None
     try:
         from lens_fast import _C
 
@@ -85,13 +89,16 @@ def summarise(out: Path) -> dict:
         name, code, seconds, junit = line.split("\t")
         step = {"name": name, "exit_code": int(code), "seconds": int(seconds)}
         step["ok"] = step["exit_code"] in (0, NOTHING_COLLECTED)
+        if step["exit_code"] == NOT_RUN:
+            step["not_run"] = True
         if junit != "-" and Path(junit).is_file():
             step.update(junit_summary(Path(junit)))
         steps.append(step)
     bench = out / "benchmarks.json"
+    previous = out / "gpu_check.json"
     return {
         "ok": bool(steps) and all(s["ok"] for s in steps),
-        "environment": environment(),
+        "environment": json.loads(previous.read_text())["environment"] if previous.is_file() else environment(),
         "steps": steps,
         "benchmarks": benchmark_figures(bench) if bench.is_file() else [],
     }
@@ -107,7 +114,8 @@ def main(argv: list[str]) -> int:
     for step in report["steps"]:
         tests = step.get("tests")
         counts = ", ".join(f"{v} {k}" for k, v in tests.items() if v) if tests else ""
-        print(f"{'ok  ' if step['ok'] else 'FAIL'} {step['name']} ({step['seconds']}s) {counts}")
+        status = "ok  " if step["ok"] else "MISS" if step.get("not_run") else "FAIL"
+        print(f"{status} {step['name']} ({step['seconds']}s) {counts}")
         for failure in step.get("failures", []):
             print(f"       {failure}")
     for entry in report["benchmarks"]:
