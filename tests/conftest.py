@@ -42,3 +42,18 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def compile_for_sm90(monkeypatch, tmp_path):
+    """``compile(kernel, types, constexprs)``: a Triton kernel compiled for sm_90 (no GPU needed) in a fresh
+    cache; ``types`` maps argument names to Triton types (default ``i32``), ``constexprs`` names to values."""
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    compiler = pytest.importorskip("triton.compiler")
+    from triton.backends.compiler import GPUTarget
+
+    def compile_kernel(fn, types, constexprs):
+        signature = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in fn.arg_names}
+        return compiler.compile(compiler.ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", 90, 32))
+
+    return compile_kernel

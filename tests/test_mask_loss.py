@@ -277,27 +277,19 @@ def test_backend_choice_on_cpu(rng):
                                rtol=1e-5, atol=1e-6)
 
 
-def test_kernels_compile_for_gpu(monkeypatch, tmp_path):
+def test_kernels_compile_for_gpu(compile_for_sm90):
     """Both kernels compile to sm_90 (no GPU needed) for fp32/fp16/bf16 logits, SAM's spans and wider ones."""
-    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
-    compiler = pytest.importorskip("triton.compiler")
-    from triton.backends.compiler import GPUTarget
-
     from lens_fast.kernels import mask_loss as kernels
-
-    def compile_kernel(fn, types, constexprs):
-        signature = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in fn.arg_names}
-        return compiler.compile(compiler.ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", 90, 32))
 
     common = {"taps_i_ptr": "*i32", "taps_f_ptr": "*fp32", "gt_ptr": "*u8"}
     gpu = {"MASKS": 4, "ROWS": 32, "BLOCK_X": 128, "SPAN_Y": 3, "SPAN_X": 3}
     for dtype, spans in [("bf16", {}), ("fp16", {}), ("fp32", {"SPAN_Y": 5, "SPAN_X": 4})]:
         try:
-            compile_kernel(kernels.mask_loss_sums_kernel,
+            compile_for_sm90(kernels.mask_loss_sums_kernel,
                            {**common, "low_ptr": f"*{dtype}", "partial_ptr": "*fp32"}, {**gpu, **spans})
         except (FileNotFoundError, RuntimeError) as error:  # no ptxas in this Triton install
             pytest.skip(f"cannot compile for CUDA here: {error}")
-        compile_kernel(kernels.mask_loss_grad_kernel,
+        compile_for_sm90(kernels.mask_loss_grad_kernel,
                        {**common, "low_ptr": f"*{dtype}", "coef_ptr": "*fp32", "grad_ptr": "*fp32"},
                        {**gpu, **spans})
 

@@ -324,42 +324,35 @@ def test_other_devices_run_the_torch_reference():
     assert stats.union.device.type == "meta" and stats.union.shape == (2, 3)
 
 
-def test_kernels_compile_for_gpu(monkeypatch, tmp_path):
+def test_kernels_compile_for_gpu(compile_for_sm90):
     """The Triton kernels compile to sm_90 cubins (no GPU needed), which the interpreter cannot check.
 
     Fresh cache: runs after the interpreted tests, so it also catches interpreter patches of
     triton.language that would leak into later compilations.
     """
-    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
-    compiler = pytest.importorskip("triton.compiler")
-    from triton.backends.compiler import GPUTarget
-
     from lens_fast.kernels import postprocess_masks as kernels
 
-    def compile_kernel(fn, types, constexprs):
-        signature = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in fn.arg_names}
-        return compiler.compile(compiler.ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", 90, 32))
 
     floats = {n: "fp32" for n in ("threshold", "scale_h1", "scale_w1", "scale_h2", "scale_w2")}
     taps = {"taps_i_ptr": "*i32", "taps_f_ptr": "*fp32"}
     gpu = {"MASKS": 4, "ROWS": 32, "BLOCK_X": 128, "SPAN_Y": 3, "SPAN_X": 3}
     try:
-        compile_kernel(
+        compile_for_sm90(
             kernels.postprocess_masks_kernel, {"low_ptr": "*bf16", "out_ptr": "*bf16", **taps, **floats},
             {"APPLY_THRESHOLD": False, **gpu},
         )
     except (FileNotFoundError, RuntimeError) as error:  # no ptxas in this Triton install
         pytest.skip(f"cannot compile for CUDA here: {error}")
-    compile_kernel(
+    compile_for_sm90(
         kernels.postprocess_masks_kernel, {"low_ptr": "*fp32", "out_ptr": "*u8", **taps, **floats},
         {"APPLY_THRESHOLD": True, **gpu, "SPAN_Y": 5, "SPAN_X": 4, "out_w": 1},
     )
-    compile_kernel(
+    compile_for_sm90(
         kernels.postprocess_mask_stats_kernel,
         {"low_ptr": "*fp16", "gt_ptr": "*u8", "acc_ptr": "*i32", "gt_acc_ptr": "*i32", **taps, **floats}, gpu,
     )
-    compile_kernel(kernels.composite_taps_kernel, {**taps, **floats}, {"BLOCK": 1024})
-    compile_kernel(
+    compile_for_sm90(kernels.composite_taps_kernel, {**taps, **floats}, {"BLOCK": 1024})
+    compile_for_sm90(
         kernels.finalize_mask_stats_kernel,
         {"acc_ptr": "*i32", "gt_acc_ptr": "*i32", "inter_ptr": "*i64", "union_ptr": "*i64",
          "area_ptr": "*i64", "gt_area_ptr": "*i64", "box_ptr": "*fp32"},

@@ -157,29 +157,21 @@ def test_rejects_bad_input(kwargs, error, match):
         ops.token_logprobs(hidden, weight, target, **args)
 
 
-def test_kernels_compile_for_gpu(monkeypatch, tmp_path):
+def test_kernels_compile_for_gpu(compile_for_sm90):
     """Both row kernels compile to sm_90 (no GPU needed) for bf16 and fp32 logits."""
-    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
-    compiler = pytest.importorskip("triton.compiler")
-    from triton.backends.compiler import GPUTarget
-
     from lens_fast.kernels import token_logprobs as kernels
-
-    def compile_kernel(fn, types, constexprs):
-        signature = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in fn.arg_names}
-        return compiler.compile(compiler.ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", 90, 32))
 
     for dtype in ("bf16", "fp32"):
         for entropy in (True, False):
             common = {"logits_ptr": f"*{dtype}", "target_ptr": "*i64", "lse_ptr": "*fp32", "inv_temperature": "fp32"}
             try:
-                compile_kernel(
+                compile_for_sm90(
                     kernels.logits_stats_kernel, {**common, "target_x_ptr": "*fp32", "entropy_ptr": "*fp32"},
                     {"WITH_ENTROPY": entropy, "BLOCK_V": 4096},
                 )
             except (FileNotFoundError, RuntimeError) as error:  # no ptxas in this Triton install
                 pytest.skip(f"cannot compile for CUDA here: {error}")
-            compile_kernel(
+            compile_for_sm90(
                 kernels.logits_grad_kernel,
                 {**common, "mean_x_ptr": "*fp32", "grad_logp_ptr": "*fp32", "grad_entropy_ptr": "*fp32"},
                 {"WITH_ENTROPY": entropy, "BLOCK_V": 4096},
