@@ -10,7 +10,8 @@ from torch.distributed.tensor import DTensor
 from lens_fast.model import Completions, build_tiny_lens
 from lens_fast.training import checkpoint as ckpt
 from lens_fast.training.config import TrainConfig
-from lens_fast.training.distributed import World, fsdp_units, gathered, init_world, shard_model
+from lens_fast.training.distributed import World, fsdp_units, gathered, init_world, replicated_parameters, shard_model
+from lens_fast.training.optim import build_adamw, clip_grad_norm
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 EXPRESSIONS = ["the red circle", "the star"]
@@ -30,9 +31,9 @@ def pictures(seed=0, sizes=((100, 150), (77, 33))):
     return [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in sizes]
 
 
-def sharded_pair(world, **overrides):
-    plain = build_tiny_lens(seed=0, **overrides)
-    sharded = shard_model(build_tiny_lens(seed=0, **overrides), world)
+def sharded_pair(world, dtype=torch.float32, **overrides):
+    plain = build_tiny_lens(seed=0, **overrides).to(dtype)
+    sharded = shard_model(build_tiny_lens(seed=0, **overrides).to(dtype), world)
     return plain, sharded
 
 
@@ -70,6 +71,41 @@ def test_sharded_model_generates_and_trains_as_the_plain_model(world):
     state = ckpt.unsharded_copy(sharded).state_dict()
     for name, value in plain.state_dict().items():
         assert torch.equal(state[name], value), name
+
+
+def test_sharded_bf16_model_keeps_its_fp32_prompt_encoder_whole_and_trains_as_the_plain_bf16_model(world):
+    """bf16 weights: SAM's prompt encoder stays fp32 and unsharded (FSDP2 reduces one dtype per unit), the rest
+    is sharded; log-probs, masks, gradients and an offloaded AdamW step (fp32 host masters of the shards and of
+    the whole prompt encoder) are the plain bf16 model's."""
+    plain, sharded = sharded_pair(world, torch.bfloat16)
+    whole = replicated_parameters(sharded)
+    assert {id(p) for p in whole} == {id(p) for p in sharded.segmenter.prompt_encoder.parameters()}
+    assert all(p.dtype == torch.float32 and not isinstance(p, DTensor) for p in whole)
+    others = [p for p in sharded.parameters() if p.dtype != torch.float32]
+    assert others and all(p.dtype == torch.bfloat16 and isinstance(p, DTensor) for p in others)
+    assert replicated_parameters(build_tiny_lens(seed=0)) == []  # fp32 weights: everything is sharded
+
+    optimizers = [build_adamw([p for p in m.parameters() if p.requires_grad], 1e-3, 0.1, offload=True) for m in (sharded, plain)]
+    completions, logp, low_res, grads = training_pass(sharded)
+    _, plain_logp, plain_low_res, plain_grads = training_pass(plain, completions)
+    assert logp.dtype == torch.float32 and low_res.dtype == torch.bfloat16
+    torch.testing.assert_close(logp, plain_logp, rtol=0, atol=0)
+    torch.testing.assert_close(low_res, plain_low_res, rtol=0, atol=0)
+    assert grads.keys() == plain_grads.keys()
+    assert any(name.startswith("segmenter.prompt_encoder.") for name in grads)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, plain_grads[name], rtol=0, atol=0, msg=name)
+    norms = [clip_grad_norm(optimizer, 1.0) for optimizer in optimizers]
+    torch.testing.assert_close(norms[0], norms[1], rtol=1e-5, atol=0)  # (sums in another order)
+    assert norms[0] > 1.0  # the clipping acts
+    for optimizer in optimizers:
+        optimizer.step()
+    state = ckpt.unsharded_copy(sharded).state_dict()
+    for mine, theirs in zip(*(optimizer.masters for optimizer in optimizers)):
+        assert mine.shape == theirs.shape  # one process holds every shard
+        torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-8)  # (the clipping scales differ by ~1e-6)
+    for name, value in plain.state_dict().items():
+        torch.testing.assert_close(state[name], value, msg=name)  # the masters rounded to bf16: one ulp at most
 
 
 def test_frozen_parts_of_a_sharded_model_get_no_gradient_and_unfreeze(world):
@@ -130,9 +166,13 @@ def test_sharding_option_is_checked():
     assert TrainConfig().sharding == "ddp"
     with pytest.raises(ValueError, match=r"sharding must be one of \('ddp', 'fsdp'\), got 'zero3'"):
         TrainConfig(sharding="zero3")
-    with pytest.raises(ValueError, match="sharding 'fsdp' needs fp32 weights .* got precision 'bf16'"):
-        TrainConfig(sharding="fsdp", precision="bf16")
     assert TrainConfig(sharding="fsdp", precision="bf16-mixed").sharding == "fsdp"
+    assert TrainConfig(sharding="fsdp", precision="bf16", optimizer_offload=True, optimizer_states="8bit").sharding == "fsdp"
+    refused = r"sharding 'fsdp' runs torch's AdamW \(fp32 states\) or the offloaded one .*got "
+    with pytest.raises(ValueError, match=refused + r"step_in_backward=True, optimizer_states='fp32', optimizer_offload=True"):
+        TrainConfig(sharding="fsdp", optimizer_offload=True, step_in_backward=True)
+    with pytest.raises(ValueError, match=refused + r"step_in_backward=False, optimizer_states='8bit', optimizer_offload=False"):
+        TrainConfig(sharding="fsdp", optimizer_states="8bit")
 
 
 def test_not_sharded_model_is_untouched_by_gathered():

@@ -44,7 +44,8 @@ def test_help_lists_every_option_with_its_default(capsys):
         (["--num-generations", "1"], "num_generations must be >= 2"),
         (["--stage1-train", "queries,brain"], "stage1_train must be distinct names"),
         (["--micro-batch", "3"], "micro_batch must be a multiple or a divisor of num_generations 8"),
-        (["--sharding", "fsdp", "--optimizer-offload", "true"], "sharding 'fsdp' runs torch's AdamW only"),
+        (["--sharding", "fsdp", "--step-in-backward", "true", "--optimizer-offload", "true"],
+         "sharding 'fsdp' runs torch's AdamW (fp32 states) or the offloaded one"),
         (["--kv-cache", "paged"], "kv_cache must be one of ('dynamic', 'static')"),
     ],
 )

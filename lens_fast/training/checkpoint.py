@@ -5,7 +5,8 @@ the newest complete one.
 Two formats: a full checkpoint (process 0 writes ``save_pretrained`` files + the optimiser's state
 dict in ``trainer_state.pt``; DDP and single-process runs) and a sharded one (FSDP2 runs: every
 process writes its shard of model and optimiser states with ``torch.distributed.checkpoint`` under
-``shards/``, loadable at any process count; ``trainer_state.pt`` holds the rest). A sharded
+``shards/``, loadable at any process count (an offloaded :class:`LeanAdamW` writes its host masters and
+states, :meth:`LeanAdamW.sharded_state_dict`); ``trainer_state.pt`` holds the rest). A sharded
 ``stage1`` or ``final`` also holds the full ``save_pretrained`` files, so that ``from_pretrained``
 reads it (the reference model, ``lens_fast.eval --checkpoint``)."""
 from __future__ import annotations
@@ -27,6 +28,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from lens_fast.model import LensModel, build_lens
 from lens_fast.training.distributed import World
+from lens_fast.training.optim import LeanAdamW
 
 STATE_FILE = "trainer_state.pt"
 SHARDS_DIR = "shards"
@@ -73,7 +75,7 @@ def save_sharded_checkpoint(root: Path, name: str, model: LensModel, optimizer: 
     if world.is_main:
         _staging(root, name)
     world.barrier()
-    model_state, optimizer_state = get_state_dict(model, optimizer)
+    model_state, optimizer_state = _sharded_states(model, optimizer)
     dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=staging / SHARDS_DIR)
     if full_model:
         copy = unsharded_copy(model, main_only=True)
@@ -91,12 +93,28 @@ def load_sharded_checkpoint(path: Path, model: LensModel, optimizer: torch.optim
     tensor must be in the checkpoint; AdamW states only for the parameters that had a gradient
     before it was written (the others, e.g. SAM's unused point embeddings, have none: their fresh
     zero states are never used, AdamW skips a parameter without a gradient)."""
-    model_state, optimizer_state = get_state_dict(model, optimizer)
+    model_state, optimizer_state = _sharded_states(model, optimizer)
     shards = path / SHARDS_DIR
     dcp.load({"model": model_state}, checkpoint_id=shards)
     set_model_state_dict(model, model_state)
     dcp.load({"optimizer": optimizer_state}, checkpoint_id=shards, planner=DefaultLoadPlanner(allow_partial_load=True))
-    set_optimizer_state_dict(model, optimizer, optimizer_state, options=StateDictOptions(strict=False))
+    if isinstance(optimizer, LeanAdamW):  # its masters (loaded in place) go into the parameters after the weights
+        optimizer.load_sharded_state_dict(optimizer_state, _parameter_names(model, optimizer))
+    else:
+        set_optimizer_state_dict(model, optimizer, optimizer_state, options=StateDictOptions(strict=False))
+
+
+def _sharded_states(model: LensModel, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """(model, optimiser) state dicts of an FSDP2-sharded ``model`` for ``torch.distributed.checkpoint``: torch's
+    (``get_state_dict``), or a :class:`LeanAdamW`'s own (its host masters and states by parameter name)."""
+    if isinstance(optimizer, LeanAdamW):
+        return get_model_state_dict(model), optimizer.sharded_state_dict(_parameter_names(model, optimizer))
+    return get_state_dict(model, optimizer)
+
+
+def _parameter_names(model: LensModel, optimizer: LeanAdamW) -> list[str]:
+    names = {id(p): name for name, p in model.named_parameters()}
+    return [names[id(p)] for p in optimizer.params]
 
 
 def is_sharded(path: Path) -> bool:

@@ -46,7 +46,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto: cuda when available, else cpu
     threads: int = 1  # torch CPU threads (the tiny model's small ops run fastest on one)
-    sharding: str = "ddp"  # ddp (every process holds the model) | fsdp (FSDP2: parameters, gradients and AdamW states sharded across processes; sharded checkpoints)
+    sharding: str = "ddp"  # ddp (every process holds the model) | fsdp (FSDP2: parameters, gradients and AdamW states (or, offloaded, host masters + states) sharded across processes; sharded checkpoints)
     precision: str = "auto"  # auto (bf16-mixed on CUDA, fp32 on CPU) | fp32 | bf16-mixed (fp32 weights and optimiser, bf16 autocast) | bf16 (bf16 weights: updates below half a bf16 ulp are lost)
     log_every: int = 1  # steps between metrics.jsonl lines
     checkpoint_every: int = 200  # steps; also at each stage's end and on SIGINT/SIGTERM
@@ -160,14 +160,12 @@ class TrainConfig:
         if self.step_in_backward and not self.optimizer_offload and self.grad_clip > 0:
             raise ValueError(f"grad_clip must be 0 with step_in_backward and no optimizer_offload (each parameter is "
                              f"stepped before the global gradient norm exists), got {self.grad_clip}")
-        if self.sharding == "fsdp" and (self.optimizer_offload or self.optimizer_states != "fp32" or self.step_in_backward):
-            raise ValueError("sharding 'fsdp' runs torch's AdamW only: optimizer_offload, optimizer_states 8bit and "
-                             "step_in_backward are not built for FSDP2's sharded (DTensor) parameters; got "
-                             f"optimizer_offload={self.optimizer_offload}, optimizer_states={self.optimizer_states!r}, "
-                             f"step_in_backward={self.step_in_backward}")
-        if self.sharding == "fsdp" and self.precision == "bf16":
-            raise ValueError("sharding 'fsdp' needs fp32 weights (precision auto, fp32 or bf16-mixed), got precision 'bf16': "
-                             "bf16 weights keep SAM's prompt encoder in fp32 and FSDP2 needs one dtype per unit")
+        if self.sharding == "fsdp" and (self.step_in_backward or (self.optimizer_states != "fp32" and not self.optimizer_offload)):
+            raise ValueError("sharding 'fsdp' runs torch's AdamW (fp32 states) or the offloaded one (optimizer_offload true, "
+                             "fp32 or 8bit host states): step_in_backward (FSDP2 assigns the sharded gradients after its "
+                             "reduce-scatter, past the per-parameter hooks) and 8bit states on the device are not built for "
+                             f"its sharded (DTensor) parameters; got step_in_backward={self.step_in_backward}, "
+                             f"optimizer_states={self.optimizer_states!r}, optimizer_offload={self.optimizer_offload}")
         if self.epsilon_high is not None and not self.epsilon_high >= 0:
             raise ValueError(f"epsilon_high must be >= 0 or null, got {self.epsilon_high}")
         if not self.plan_gpu_memory_gb > 0:

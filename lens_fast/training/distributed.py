@@ -8,7 +8,8 @@ process 0 validates. Two engines (``sharding``):
 - ``ddp``: every process holds the whole model (``DistributedDataParallel``); process 0 writes
   checkpoints.
 - ``fsdp``: FSDP2 (``fully_shard``) shards parameters, gradients and AdamW states across processes
-  (:func:`shard_model`); calls outside the training forward (generation, validation) run inside
+  (:func:`shard_model`; a bf16 model's fp32 parameters, SAM's prompt encoder, stay whole on every
+  process and their gradients are averaged by an all-reduce); calls outside the training forward (generation, validation) run inside
   :func:`gathered`, and every process writes its shard of each checkpoint.
 
 Checkpoints resume at any process count (data positions and sampling seeds are global).
@@ -25,6 +26,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.tensor import DTensor
 
 SHARDINGS = ("ddp", "fsdp")
 
@@ -120,17 +122,48 @@ def shard_model(model: nn.Module, world: World) -> nn.Module:
     :func:`fsdp_units` module, then the root. Gradients are averaged over processes (reduce-scatter,
     mean: as DDP's all-reduce); parameters are all-gathered in their own dtype (fp32 under
     ``bf16-mixed``, autocast computes in bf16 as with DDP). Frozen parameters are sharded too and get
-    no gradient. Call it once, before building an optimiser; trainable parts may change afterwards
-    (``requires_grad_`` on the sharded parameters)."""
+    no gradient. Parameters whose dtype differs from the model's weights (:func:`replicated_parameters`:
+    a bf16 model keeps SAM's prompt encoder in fp32, and FSDP2 reduces one dtype per unit) are left
+    whole on every process (FSDP2's ``ignored_params``); :func:`gradient_sync` averages their gradients.
+    Call it once, before building an optimiser; trainable parts may change afterwards (``requires_grad_``
+    on the sharded parameters)."""
     mesh = init_device_mesh(world.device.type, (world.size,))
     for unit in fsdp_units(model):
         fully_shard(unit, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+    fully_shard(model, mesh=mesh, ignored_params=set(replicated_parameters(model)) or None)
     # Answer-prompted SAM (``prompts`` mode) is skipped on a process whose answers all lack a box: its
     # trainable SAM parameters then have no gradient there, and every process must reduce the same set.
     model.set_reduce_scatter_unused_params(model.config.mode == "prompts")
     fully_shard.state(model)._lazy_init()  # the root, before any unit's forward runs alone (gathered)
     return model
+
+
+def replicated_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters of ``model`` (a LensModel) whose dtype is not its weights' (the LM head's): those
+    :func:`shard_model` leaves whole on every process (none unless the weights are bf16)."""
+    dtype = model.policy.lm_head.weight.dtype
+    return [p for p in model.parameters() if p.dtype != dtype]
+
+
+def average_replicated_gradients(model: nn.Module) -> None:
+    """Average over the processes the gradients of the trainable parameters FSDP2 left whole (not DTensors:
+    :func:`replicated_parameters`), as its reduce-scatter averages the sharded ones (a process without a
+    gradient adds zeros); a parameter without a gradient on every process keeps none. Collective; nothing
+    in a world of one."""
+    if dist.get_world_size() == 1:
+        return
+    params = [p for p in model.parameters() if p.requires_grad and not isinstance(p, DTensor)]
+    if not params:
+        return
+    has_grad = torch.tensor([float(p.grad is not None) for p in params], device=params[0].device)
+    flat = torch.cat([has_grad, *[(p.grad if p.grad is not None else torch.zeros_like(p)).detach().float().reshape(-1)
+                                  for p in params]])
+    dist.all_reduce(flat)
+    offset = len(params)
+    for p, count in zip(params, flat[:len(params)].tolist()):
+        if count > 0:
+            p.grad = (flat[offset:offset + p.numel()].view(p.shape) / dist.get_world_size()).to(p.dtype)
+        offset += p.numel()
 
 
 @contextmanager
@@ -176,3 +209,5 @@ def _fsdp_gradient_sync(module: FSDPModule, enabled: bool) -> Iterator[None]:
         yield
     finally:
         module.set_requires_gradient_sync(True)
+    if enabled:  # (not after an exception: the processes may not all get here)
+        average_replicated_gradients(module)

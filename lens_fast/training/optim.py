@@ -19,6 +19,13 @@
   norm before stepping (``grad_clip`` must be 0) nor accumulate over several backward passes (``micro_batch``
   must not split a step's rows): :meth:`TrainConfig.check_world` refuses both, and DDP (its all-reduce runs
   after the hooks).
+- ``offload`` on FSDP2-sharded (DTensor) parameters: each process keeps the masters and states of its own
+  shards (``to_local()``), receives its shards of the averaged gradients after FSDP2's reduce-scatter and
+  writes the updated masters back into its shards; :meth:`LeanAdamW.clip_grad_norm_` sums the squared norm
+  over every process (an all-reduce: the norm ``torch.nn.utils.clip_grad_norm_`` gives for DTensors), and
+  :meth:`LeanAdamW.sharded_state_dict` is the state ``torch.distributed.checkpoint`` saves and loads at any
+  process count. Step in backward is refused there (FSDP2 assigns sharded gradients after its
+  reduce-scatter, past the post-accumulate-grad hooks).
 - ``step_in_backward`` with offload: every gradient is sent to the host in its hook and added to an fp32
   host buffer, then freed on the device (ZeRO-Offload's streamed gradients): no device gradient buffer either,
   any number of backward passes accumulate, and the step runs on the host after the last one, so global-norm
@@ -41,10 +48,11 @@ from __future__ import annotations
 
 import math
 import weakref
-from typing import Iterable, Optional
+from typing import Iterable, Optional, Sequence
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 OPTIMIZER_STATES = ("fp32", "8bit")
 BETAS = (0.9, 0.999)
@@ -99,12 +107,19 @@ def state_bytes(optimizer: torch.optim.Optimizer) -> int:
     return sum(seen.values())
 
 
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This process's shard of a DTensor (FSDP2's sharded parameters and gradients; writes reach it), a plain
+    tensor as it is."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
 class LeanAdamW(torch.optim.Optimizer):
     """AdamW with fp32 masters and states in host memory (``offload``) and/or each parameter's update or
     gradient transfer done during backward (``step_in_backward``); see the module's docstring.
 
-    ``params``: the device parameters (one device; any float dtype, bf16 included). One param group: its
-    ``lr`` (set by the LR scheduler) and ``weight_decay`` are read at every update.
+    ``params``: the device parameters (one device; any float dtype, bf16 included; with ``offload``, FSDP2's
+    sharded DTensors and plain ones may mix). One param group: its ``lr`` (set by the LR scheduler) and
+    ``weight_decay`` are read at every update.
     """
 
     def __init__(self, params: list, lr: float, weight_decay: float, *, states: str = "fp32", offload: bool = False,
@@ -115,13 +130,21 @@ class LeanAdamW(torch.optim.Optimizer):
         if len(devices) != 1:
             raise ValueError(f"LeanAdamW: the parameters must share one device, got {sorted(map(str, devices))}")
         self.device = devices.pop()
+        sharded = [p for p in self.params if isinstance(p, DTensor)]
+        if sharded and (step_in_backward or not offload):
+            raise ValueError("LeanAdamW on FSDP2-sharded (DTensor) parameters needs offload=True and step_in_backward=False "
+                             f"(FSDP2 assigns sharded gradients after its reduce-scatter), got offload={offload}, "
+                             f"step_in_backward={step_in_backward}")
+        # the process group whose processes hold the other shards (None: no parameter is sharded)
+        self.shard_group = sharded[0].device_mesh.get_group() if sharded else None
         self.offload, self.step_in_backward, self.states = offload, step_in_backward, states
         self.masters: list = []  # offload: fp32 host copies; master.grad is its host buffer once a gradient arrived
         self.host_grads: list = []  # offload: fp32 host gradient buffers (pinned for CUDA parameters)
         if offload:
             pin = self.device.type == "cuda"
-            self.masters = [torch.empty(p.shape, dtype=torch.float32, pin_memory=pin).copy_(p.detach()) for p in self.params]
-            self.host_grads = [torch.empty(p.shape, dtype=torch.float32, pin_memory=pin) for p in self.params]
+            self.masters = [torch.empty(_local(p).shape, dtype=torch.float32, pin_memory=pin).copy_(_local(p).detach())
+                            for p in self.params]
+            self.host_grads = [torch.empty(m.shape, dtype=torch.float32, pin_memory=pin) for m in self.masters]
         targets = self.masters if offload else self.params
         fused = offload or self.device.type == "cuda"  # torch's fused AdamW: CUDA, and the CPU for the host step
         groups = [[t] for t in targets] if step_in_backward and not offload else [targets]  # one AdamW per hook
@@ -144,7 +167,7 @@ class LeanAdamW(torch.optim.Optimizer):
 
     def _to_host(self, index: int, grad: torch.Tensor) -> None:
         """Add ``grad`` (device, any float dtype) into the parameter's fp32 host buffer."""
-        master, grad32 = self.masters[index], grad.detach().to(torch.float32)
+        master, grad32 = self.masters[index], _local(grad).detach().to(torch.float32)
         if master.grad is None:  # the step's first gradient: an asynchronous copy (waited for in step)
             master.grad = self.host_grads[index]
             master.grad.copy_(grad32, non_blocking=True)
@@ -176,6 +199,8 @@ class LeanAdamW(torch.optim.Optimizer):
         step in backward without offload, whose updates are already done), the gradients scaled to ``max_norm``."""
         if self.offload:
             self._gather_gradients()
+            if self.shard_group is not None:
+                return self._clip_sharded_grad_norm_(max_norm)
             return nn.utils.clip_grad_norm_([m for m in self.masters if m.grad is not None], max_norm)
         if self.step_in_backward:
             if math.isfinite(max_norm):
@@ -184,6 +209,24 @@ class LeanAdamW(torch.optim.Optimizer):
                                  "wanted inf (grad_clip 0)")
             return torch.zeros(()) if self._squared_norm is None else self._squared_norm.sqrt().cpu()
         return nn.utils.clip_grad_norm_(self.params, max_norm)
+
+    def _clip_sharded_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """Offload on FSDP2-sharded parameters: the 2-norm over every process's shards (the squared norms of the
+        sharded parameters' host gradients summed by an all-reduce; the replicated parameters', the same on
+        every process, added once) and the host gradients scaled to ``max_norm`` as ``clip_grad_norm_`` does.
+        Collective."""
+        squares = torch.zeros(2, dtype=torch.float32)  # (sharded, replicated)
+        for p, master in zip(self.params, self.masters):
+            if master.grad is not None:
+                squares[0 if isinstance(p, DTensor) else 1] += master.grad.pow(2).sum()
+        sharded = squares[:1].to(self.device)
+        torch.distributed.all_reduce(sharded, group=self.shard_group)
+        total = (sharded.cpu() + squares[1:]).sqrt()[0]
+        scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
+        for master in self.masters:
+            if master.grad is not None:
+                master.grad.mul_(scale)
+        return total
 
     def _sync_hyperparameters(self, inner: torch.optim.Optimizer) -> None:
         for group in inner.param_groups:
@@ -207,7 +250,8 @@ class LeanAdamW(torch.optim.Optimizer):
         for p, master in zip(self.params, self.masters):
             if master.grad is not None:
                 # fp32 parameters take the master as it is; others get it copied over, then rounded on the device
-                p.copy_(master if p.dtype == torch.float32 else master.to(p.device, non_blocking=True), non_blocking=True)
+                shard = _local(p)
+                shard.copy_(master if p.dtype == torch.float32 else master.to(p.device, non_blocking=True), non_blocking=True)
                 master.grad = None
 
     # ---- checkpoints ------------------------------------------------------------------------------------
@@ -234,13 +278,93 @@ class LeanAdamW(torch.optim.Optimizer):
             inner.load_state_dict(saved)
         for p, master, saved in zip(self.params, self.masters, state_dict["masters"]):
             master.copy_(saved)
-            p.copy_(master)
+            _local(p).copy_(master)
+
+    def sharded_state_dict(self, names: Sequence[str]) -> dict:
+        """Offload only: the state ``torch.distributed.checkpoint`` saves, and the template it loads into (see
+        :meth:`load_sharded_state_dict`). ``names``: the parameters' names (the model's), in order. Returns
+        ``{"hyperparameters": {name: float64 0-dim}, <name>: {"master", "exp_avg", "exp_avg_sq": fp32 (the
+        parameter's shape), "step": float32 0-dim}}``; an FSDP2-sharded parameter's tensors are DTensors over
+        its mesh holding this process's host shard (the masters themselves), so the checkpoint loads at any
+        process count. 8-bit states are written dequantized (fp32); a parameter without AdamW state yet (no
+        gradient so far) has step -1 and zero moments."""
+        if not self.offload:
+            raise ValueError("LeanAdamW.sharded_state_dict needs offload=True (the device AdamW's state is torch's)")
+        if len(names) != len(self.params):
+            raise ValueError(f"LeanAdamW.sharded_state_dict: {len(names)} names for {len(self.params)} parameters")
+        (inner,) = self.inner
+        hyper = {k: torch.tensor(float(v), dtype=torch.float64) for k, v in self.param_groups[0].items()
+                 if k in ("lr", "weight_decay", "initial_lr")}
+        state: dict = {"hyperparameters": hyper}
+        for name, p, master in zip(names, self.params, self.masters):
+            step, exp_avg, exp_avg_sq = _fp32_moments(inner.state.get(master, {}), master)
+            if isinstance(p, DTensor):
+                shards = [DTensor.from_local(t, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride())
+                          for t in (master, exp_avg, exp_avg_sq)]
+            else:
+                shards = [master, exp_avg, exp_avg_sq]
+            state[name] = dict(zip(("master", "exp_avg", "exp_avg_sq"), shards), step=step)
+        return state
+
+    @torch.no_grad()
+    def load_sharded_state_dict(self, state: dict, names: Sequence[str]) -> None:
+        """Install :meth:`sharded_state_dict`'s template once ``torch.distributed.checkpoint`` has loaded into it:
+        the hyperparameters, the AdamW states of the parameters whose step is >= 0 (8-bit ones quantized again)
+        and the masters (loaded in place) copied into the device parameters."""
+        (inner,) = self.inner
+        self.param_groups[0].update({k: float(v) for k, v in state["hyperparameters"].items()})
+        self._sync_hyperparameters(inner)
+        for name, p, master in zip(names, self.params, self.masters):
+            saved = state[name]
+            if float(saved["step"]) >= 0:
+                inner.state[master] = _installed_moments(inner, master, saved["step"], _local(saved["exp_avg"]),
+                                                         _local(saved["exp_avg_sq"]))
+            _local(p).copy_(master)
 
     def close(self) -> None:
         """Remove the step-in-backward hooks from the parameters (before another optimizer takes them)."""
         for handle in self._hooks:
             handle.remove()
         self._hooks.clear()
+
+
+def _fp32_moments(state: dict, master: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(step float32 0-dim, m, v fp32 like ``master``) of one AdamW state: torch's as it is, bitsandbytes' 8-bit
+    moments dequantized; (-1, zeros, zeros) for no state."""
+    if not state:
+        return torch.tensor(-1.0), torch.zeros_like(master), torch.zeros_like(master)
+    step = torch.tensor(float(state["step"]))
+    if "exp_avg" in state:  # torch's AdamW
+        return step, state["exp_avg"], state["exp_avg_sq"]
+    if state["state1"].dtype != torch.uint8:  # bitsandbytes keeps small tensors' states in fp32
+        return step, state["state1"], state["state2"]
+    from bitsandbytes.functional import dequantize_blockwise
+
+    m, v = (dequantize_blockwise(state[f"state{i}"], absmax=state[f"absmax{i}"], code=state[f"qmap{i}"], blocksize=256)
+            for i in (1, 2))
+    return step, m.view_as(master), v.view_as(master)
+
+
+def _installed_moments(inner: torch.optim.Optimizer, master: torch.Tensor, step: torch.Tensor, exp_avg: torch.Tensor,
+                       exp_avg_sq: torch.Tensor) -> dict:
+    """The AdamW state of ``master`` in ``inner``'s own layout from fp32 moments (copies): torch's, or
+    bitsandbytes' (its fresh state filled, 8-bit moments quantized blockwise with its maps)."""
+    if isinstance(inner, torch.optim.AdamW):
+        return {"step": step.to(torch.float32).clone(), "exp_avg": exp_avg.clone(), "exp_avg_sq": exp_avg_sq.clone()}
+    from bitsandbytes.functional import quantize_blockwise
+
+    inner.state[master] = {}
+    inner.init_state(inner.param_groups[0], master, 0, inner.param_groups[0]["params"].index(master))
+    state = inner.state[master]
+    state["step"] = int(step)
+    for i, moment in ((1, exp_avg), (2, exp_avg_sq)):
+        if state[f"state{i}"].dtype == torch.uint8:
+            quantized, quant_state = quantize_blockwise(moment, code=state[f"qmap{i}"], blocksize=256)
+            state[f"state{i}"].copy_(quantized.view_as(state[f"state{i}"]))
+            state[f"absmax{i}"].copy_(quant_state.absmax)
+        else:
+            state[f"state{i}"].copy_(moment)
+    return state
 
 
 def _backward_hook(owner: weakref.ref, index: int):
