@@ -129,9 +129,10 @@ def unsharded_copy(model: LensModel, *, main_only: bool = False) -> Optional[Len
     if not state:
         return None
     device = "cpu" if main_only else model.device
-    copy = build_lens(model.config, model.tokenizer, device=device, dtype=torch.float32)
+    # built in the weights' dtype (a bf16 model's fp32 prompt encoder stays fp32: no round trip through bf16)
+    copy = build_lens(model.config, model.tokenizer, device=device, dtype=model.policy.lm_head.weight.dtype)
     copy.load_state_dict(state)
-    return copy.to(model.policy.lm_head.weight.dtype)
+    return copy
 
 
 def _staging(root: Path, name: str) -> Path:
