@@ -106,8 +106,20 @@ def test_hand_computed_items(real):
 
     offload = memory.estimate(facts, shape, config, memory.Options(offload=True))
     assert item(offload, "AdamW states") == 0 and item(offload, "fp32 master") == 0
-    assert offload.host_bytes == 12 * trainable
+    assert offload.host_bytes == (4 + 4 + 8) * trainable  # the trainer's host masters, gradient buffer, fp32 states
     assert offload.time["optimizer (CPU offload)"] == pytest.approx(4 * trainable / 20e9 + trainable / 1e9)
+
+    # FSDP2 + offload, as the trainer keeps it: on each GPU its shard of the bf16 weights and gradients, no
+    # master or state; on the host each process's shard of masters, gradient buffer and (8-bit) states
+    sharded_offload = memory.estimate(facts, shape, config, memory.Options(gpus=4, offload=True, states="8bit"))
+    assert item(sharded_offload, "weights, bf16") == pytest.approx(2 * (trainable / 4 + frozen))
+    assert item(sharded_offload, "gradients, bf16") == pytest.approx(2 * trainable / 4)
+    assert item(sharded_offload, "AdamW states") == 0 and item(sharded_offload, "fp32 master") == 0
+    assert sharded_offload.host_bytes == pytest.approx((4 + 4 + 2 + 8 / 256) * trainable)
+    assert sharded_offload.time["optimizer (CPU offload)"] == pytest.approx(offload.time["optimizer (CPU offload)"] / 4)
+    assert memory.Options(gpus=4, offload=True, states="8bit").trainer_flags(16) == [
+        "--gradient-checkpointing true", "--precision bf16", "--optimizer-offload true", "--optimizer-states 8bit",
+        "--sharding fsdp"]
 
     streamed = memory.estimate(facts, shape, config, memory.Options(step_in_backward=True))
     assert item(streamed, "gradients (step in backward)") == 2 * (VOCAB * HIDDEN + facts.text_layer_params)
@@ -126,12 +138,16 @@ def test_real_recipe_does_not_fit_one_24_gb_gpu_as_configured_but_a_combination_
     assert all(e.total <= 24e9 for e in result.candidates)
     # 16 B/param of mixed-precision AdamW cannot sit on one GPU: the pick offloads
     assert result.pick.options.offload
-    # over 2 or 4 GPUs the trainer's FSDP2 keeps fp32 AdamW on the GPUs (no offload): 16 B/param / N does not fit
-    assert set(result.by_gpus) == {1, 2, 4, 8} and result.by_gpus[1] and result.by_gpus[8]
-    assert result.by_gpus[2] is None and result.by_gpus[4] is None
+    # over 2 or 4 GPUs fp32 AdamW on the GPUs (16 B/param / N) does not fit: FSDP2 with the offloaded AdamW does
+    assert set(result.by_gpus) == {1, 2, 4, 8} and all(result.by_gpus.values())
+    for gpus in (2, 4):
+        options = result.by_gpus[gpus].options
+        assert options.gpus == gpus and options.offload and options.states == "fp32" and not options.step_in_backward
+        assert result.by_gpus[gpus].total <= 24e9
+    assert not result.by_gpus[8].options.offload
 
 
-@pytest.mark.parametrize("gpus", [1, 8])
+@pytest.mark.parametrize("gpus", [1, 2, 8])
 def test_the_picks_command_runs_what_was_planned(real, gpus, capsys):
     """The printed ``Run it`` options, read by the trainer's own parser, plan to the pick's estimate."""
     config, _, _ = real
@@ -179,7 +195,8 @@ def test_plan_options_are_checked(argv, message, capsys):
 def test_plan_reads_the_trainers_options(real):
     """The plan estimates what the trainer does: optimizer_states fp32 is bf16 under precision=bf16; the search
     tries only what the trainer runs: step in backward without offload (no global-norm clipping) only when
-    grad_clip is 0, no Kahan / stochastic-rounding AdamW, over several GPUs (FSDP2) torch's AdamW alone."""
+    grad_clip is 0, no Kahan / stochastic-rounding AdamW, over several GPUs (FSDP2) torch's fp32 AdamW or the
+    offloaded one (fp32 or 8-bit host states), never step in backward."""
     config, facts, shape = real
     assert memory.options_of(config).states == "fp32"
     assert memory.options_of(dataclasses.replace(config, precision="bf16")).states == "bf16"
@@ -193,8 +210,8 @@ def test_plan_reads_the_trainers_options(real):
     assert any(e.options.step_in_backward and not e.options.offload for e in unclipped)
     assert all(e.options.weights == "master" and e.options.states in ("fp32", "8bit") for e in unclipped)
     sharded, _ = memory.search(facts, shape, dataclasses.replace(config, grad_clip=0.0), 4, 80e9)
-    assert sharded and all(not (e.options.offload or e.options.step_in_backward) and e.options.states == "fp32"
-                           for e in sharded)
+    assert all(not e.options.step_in_backward and (e.options.offload or e.options.states == "fp32") for e in sharded)
+    assert {(e.options.offload, e.options.states) for e in sharded} == {(False, "fp32"), (True, "fp32"), (True, "8bit")}
 
 
 def test_plan_fields_have_help(capsys):

@@ -1,6 +1,8 @@
 """Data parallelism: torchrun with 2 gloo processes matches one process with the same global batch
-(DDP, and FSDP2 with sharded checkpoints), and checkpoints resume at another process count."""
+(DDP, FSDP2 with sharded checkpoints, and FSDP2 with bf16 weights and the offloaded AdamW), and checkpoints
+resume at another process count."""
 import json
+import math
 import os
 import signal
 import socket
@@ -115,6 +117,33 @@ def test_fsdp_matches_one_process_and_its_sharded_checkpoints_resume_at_another_
         assert sharded.keys() == plain.keys()
         for key, value in plain.items():
             torch.testing.assert_close(sharded[key], value, rtol=1e-3, atol=1e-4, msg=f"{name}: {key}")
+
+
+LEAN_FSDP = ("--sharding", "fsdp", "--precision", "bf16", "--optimizer-offload", "true", "--stage1-steps", "3",
+             "--stage2-steps", "2", "--checkpoint-every", "2", "--val-size", "4", "--val-batch-size", "4")
+
+
+@pytest.mark.slow
+def test_fsdp_with_bf16_weights_and_offloaded_adamw_matches_one_process_and_resumes_in_one(tmp_path):
+    """bf16 weights sharded over 2 gloo processes (the fp32 prompt encoder whole on each), AdamW's fp32 masters and
+    states offloaded per shard: killed after a checkpoint and resumed in 1 process, it gives an uninterrupted
+    1-process run's stage-1 losses and gradient norms (bf16 weights: within bf16's rounding) and the same steps."""
+    one, two_then_one = tmp_path / "one", tmp_path / "two_then_one"
+    run = subprocess.run(_one(one, *LEAN_FSDP), env=_env(), capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    _kill_after_checkpoint(_torchrun(two_then_one, *LEAN_FSDP, "--micro-batch", "2"), two_then_one, 2)
+    assert "(1 process(es))" in _resume(_one(two_then_one, *LEAN_FSDP))
+    plain, resumed = records(one), records(two_then_one)
+    assert [r["step"] for r in plain] == [r["step"] for r in resumed]
+    for a, b in zip(plain, resumed):
+        if a["stage"] == "align":
+            for key in ("loss", "bce", "dice", "answer_nll"):
+                assert b[key] == pytest.approx(a[key], rel=1e-2), (a["step"], key)
+            assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=5e-2), a["step"]
+        elif a["stage"] == "grpo":
+            assert math.isfinite(b["loss"]) and math.isfinite(b["grad_norm"]) and b["grad_norm"] > 0, a["step"]
+    final = from_pretrained(two_then_one / "checkpoints" / "final")
+    assert final.segmenter.prompt_encoder.no_mask_embed.weight.dtype == torch.float32
 
 
 def _dapo_inputs(layer: torch.nn.Module):

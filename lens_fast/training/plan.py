@@ -213,7 +213,7 @@ class Options:
     gpus: int = 1
     weights: str = "master"  # master | kahan | sr
     states: str = "fp32"  # fp32 | bf16 | 8bit
-    offload: bool = False  # fp32 master + fp32 AdamW states in host memory, AdamW on the CPU
+    offload: bool = False  # fp32 master + AdamW states (``states``: fp32 | 8bit) in host memory, AdamW on the CPU
     step_in_backward: bool = False  # each parameter stepped (offload: its gradient sent to the host) in backward
     beta0: bool = False  # drop the reference model (beta = 0)
     micro_rows: int = 0  # sequences per forward/backward pass (0: all the GPU's rows)
@@ -244,7 +244,7 @@ class Options:
         return flags
 
     def describe(self) -> str:
-        parts = ["CPU-offloaded AdamW (fp32 master + states)" if self.offload else
+        parts = [f"CPU-offloaded AdamW (fp32 master + {'' if self.states == 'fp32' else '8bit '}states)" if self.offload else
                  f"{ {'master': 'fp32 master', 'kahan': 'bf16+Kahan', 'sr': 'bf16+SR'}[self.weights]} weights, {self.states} states"]
         if self.step_in_backward:
             parts.append("grads streamed to host in backward" if self.offload else "step in backward")
@@ -329,10 +329,11 @@ def estimate(facts: ModelFacts, shape: Shapes, config: TrainConfig, options: Opt
     # persistent state
     add("weights, bf16", 2 * (trainable / n + frozen), "all",
         f"2 B x {trainable / 1e9:.3f} B trainable" + (f" / {n}" if n > 1 else "") + f" + {frozen / 1e9:.3f} B frozen")
-    if o.offload:
-        add("fp32 master weights", 0, "all", f"in host memory: 4 B x {trainable / 1e9:.3f} B"
-            + (" (+ 4 B/param fp32 gradient accumulator)" if o.step_in_backward else ""))
-        add("AdamW states", 0, "all", f"in host memory: 8 B x {trainable / 1e9:.3f} B")
+    if o.offload:  # each process holds its shard's masters, gradient buffer and states: / n per process
+        share = f" / {n} per process" if n > 1 else ""
+        add("fp32 master weights", 0, "all", f"in host memory: 4 B x {trainable / 1e9:.3f} B{share} "
+            "(+ 4 B/param fp32 gradient buffer)")
+        add("AdamW states", 0, "all", f"in host memory: {STATE_BYTES[o.states]:.2f} B x {trainable / 1e9:.3f} B{share}")
     else:
         add({"master": "fp32 master weights", "kahan": "Kahan compensation (bf16)", "sr": "master weights"}[o.weights],
             WEIGHT_EXTRA[o.weights] * trainable / n, "all",
@@ -407,7 +408,8 @@ def estimate(facts: ModelFacts, shape: Shapes, config: TrainConfig, options: Opt
     peak_phase = max(phases, key=phases.get)
     allocated = phases[peak_phase]
     total = allocated * (1 + FRAGMENTATION) + CUDA_CONTEXT
-    host = ((4 + 8) + (4 if o.step_in_backward else 0)) * trainable if o.offload else 0.0  # all ranks together
+    # masters + the fp32 gradient buffer + states, all processes together (each holds its 1/n)
+    host = (4 + 4 + STATE_BYTES[o.states]) * trainable if o.offload else 0.0
 
     # step time (estimates)
     p_llm = facts.params["llm"] - vocab * h
@@ -486,7 +488,7 @@ def search(facts: ModelFacts, shape: Shapes, config: TrainConfig, gpus: int, bud
     """Every combination for ``gpus`` GPUs (checkpointing, flash attention and the lean ops on: they cost
     little), each with the fewest passes that fit; (fitting estimates, best first; combinations tried)."""
     rows = math.ceil(config.batch_size / gpus) * config.num_generations
-    optimizers = [(w, st, False) for w in PLAN_WEIGHTS for st in STATE_KINDS] + [("master", "fp32", True)]
+    optimizers = [(w, st, False) for w in PLAN_WEIGHTS for st in STATE_KINDS] + [("master", st, True) for st in ("fp32", "8bit")]
     fitting, tried = [], 0
     for (weights, states, offload), step_bwd, beta0 in itertools.product(optimizers, (False, True),
                                                                          (False, True) if config.beta > 0 else (True,)):
@@ -508,11 +510,12 @@ def search(facts: ModelFacts, shape: Shapes, config: TrainConfig, gpus: int, bud
 def trainer_runs(weights: str, states: str, offload: bool, step_in_backward: bool, gpus: int, config: TrainConfig) -> bool:
     """Whether ``python -m lens_fast.train`` runs this combination (the search considers no other): fp32
     master weights (``bf16-mixed``, or offloaded masters under ``bf16``) with fp32 or 8-bit states (no Kahan
-    or stochastic-rounding AdamW); over several GPUs (FSDP2) torch's AdamW only, no step in backward; step
-    in backward without offload only at ``grad_clip`` 0 (the step comes before the global gradient norm)."""
+    or stochastic-rounding AdamW); over several GPUs (FSDP2) torch's fp32 AdamW or the offloaded one (fp32 or
+    8-bit host states), no step in backward; step in backward without offload only at ``grad_clip`` 0 (the
+    step comes before the global gradient norm)."""
     if weights != "master" or states not in ("fp32", "8bit"):
         return False
-    if gpus > 1 and (offload or states != "fp32" or step_in_backward):
+    if gpus > 1 and (step_in_backward or (states != "fp32" and not offload)):
         return False
     return not (step_in_backward and not offload and config.grad_clip > 0)
 
@@ -522,7 +525,7 @@ def _changes_objective(e: Estimate, config: TrainConfig) -> bool:
 
 
 def _numerics(e: Estimate) -> int:
-    return 0 if e.options.offload else NUMERICS_RANK[(e.options.weights, e.options.states)]
+    return NUMERICS_RANK[(e.options.weights, e.options.states)]  # (offloaded: fp32 masters, as "master")
 
 
 def choose(fitting: list, config: TrainConfig) -> Optional[Estimate]:
@@ -653,7 +656,8 @@ def option_costs(p: MemoryPlan) -> list:
         "_AdamW(bf16_stochastic_round=True)) or Kahan summation (+2 B/param): at lr ~3e-6 an update is below half a bf16 "
         "ulp of any weight above ~8e-4, so plain bf16 AdamW (the trainer's AdamW on bf16 parameters today) drops nearly "
         "every update",
-        f"CPU offload of fp32 master + AdamW states: 0 GPU bytes for them, {12 * tr / GB:.0f} GB of host RAM; per step "
+        f"CPU offload of fp32 master + AdamW states: 0 GPU bytes for them, {16 * tr / GB:.0f} GB of host RAM with fp32 states "
+        f"({10 * tr / GB:.0f} GB with 8-bit ones; master, gradient buffer, states; / N per process under FSDP2); per step "
         f"{4 * tr / GB:.1f} GB over PCIe (grads down, bf16 weights up) + a CPU AdamW pass: ~{offload:.1f} s at the assumed rates; "
         f"with the gradients streamed to the host in backward (ZeRO-Offload's way) no GPU gradient buffer either, at "
         f"{2 * tr / GB:.1f} GB over PCIe and an fp32 accumulation in host memory per extra pass (~"
@@ -665,7 +669,7 @@ def option_costs(p: MemoryPlan) -> list:
         f"micro-batching the GPU's {rows} rows: activations / k; the same FLOPs in k passes (~{PASS_OVERHEAD * 1e3:.0f} ms "
         "each in launches), plus one vision re-encoding per extra pass that splits a prompt's group; needs a gradient buffer "
         "(on the GPU, or the host's with streamed gradients)",
-        f"FSDP2 over N GPUs: weights, grads and states / N (the frozen SAM encoder replicated); per step each GPU receives "
+        f"FSDP2 over N GPUs (with or without the offloaded AdamW): weights, grads and states / N (the frozen SAM encoder replicated); per step each GPU receives "
         "~(N-1)/N of the trainable bf16 weights twice per pass + once for the rollout's unsharding and sends its gradients "
         f"once (~{2 * tr / GB:.1f} GB each way per pass at N = 2); each GPU generates and trains B/N prompts",
         "gradient checkpointing: one more forward in backward (~+33% of the training pass FLOPs); chunked log-probs and "
