@@ -109,6 +109,7 @@ def test_offload_on_sharded_parameters_equals_torch_adamw_and_its_checkpoint_loa
     for name, p, master in zip(names(model), trainable(model), optimizer.masters):
         torch.testing.assert_close(master, result["lean"][name], rtol=0, atol=0, msg=name)
         assert torch.equal(p.to_local(), master), name  # the masters went into the parameters
+        assert state[name]["master"].to_local().data_ptr() == master.data_ptr()  # loaded in place, on the host
         moments = optimizer.inner[0].state[master]
         assert float(moments["step"]) == STEPS
         for key in ("exp_avg", "exp_avg_sq"):

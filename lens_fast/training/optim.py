@@ -53,10 +53,17 @@ from typing import Iterable, Optional, Sequence
 import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
+from torch.distributed.tensor._dtensor_spec import DTensorSpec, TensorMeta
 
 OPTIMIZER_STATES = ("fp32", "8bit")
 BETAS = (0.9, 0.999)
 EPS = 1e-8
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This process's shard of a DTensor (FSDP2's sharded parameters and gradients; writes reach it), a plain
+    tensor as it is."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
 def _adamw(params: list, lr: float, weight_decay: float, states: str, fused: bool) -> torch.optim.Optimizer:
@@ -96,21 +103,25 @@ def clip_grad_norm(optimizer: torch.optim.Optimizer, max_norm: float) -> torch.T
 
 def state_bytes(optimizer: torch.optim.Optimizer) -> int:
     """Bytes of the optimizer's per-parameter states (m, v, quantisation maps and scales, step counters; each
-    storage counted once), wherever they live; a :class:`LeanAdamW`'s fp32 masters are not included."""
+    storage counted once; of FSDP2-sharded parameters, this process's shards), wherever they live; a
+    :class:`LeanAdamW`'s fp32 masters are not included."""
     inners = optimizer.inner if isinstance(optimizer, LeanAdamW) else [optimizer]
     seen: dict = {}
     for inner in inners:
         for state in inner.state.values():
             for value in state.values():
-                if torch.is_tensor(value):
-                    seen[value.untyped_storage().data_ptr()] = value.untyped_storage().nbytes()
+                if torch.is_tensor(value):  # (a DTensor state: this process's shard)
+                    storage = _local(value).untyped_storage()
+                    seen[storage.data_ptr()] = storage.nbytes()
     return sum(seen.values())
 
 
-def _local(tensor: torch.Tensor) -> torch.Tensor:
-    """This process's shard of a DTensor (FSDP2's sharded parameters and gradients; writes reach it), a plain
-    tensor as it is."""
-    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+def _sharded_like(param: DTensor, local: torch.Tensor) -> DTensor:
+    """``local`` (this process's shard of ``param``'s values, any dtype, on the host) as a DTensor sharded as
+    ``param``, left where it is: ``DTensor.from_local`` would move it to the mesh's device (the GPU), FSDP2's own
+    CPU offload builds its host DTensors this way."""
+    meta = TensorMeta(param.shape, param.stride(), local.dtype)
+    return DTensor(local, DTensorSpec(param.device_mesh, param.placements, tensor_meta=meta), requires_grad=False)
 
 
 class LeanAdamW(torch.optim.Optimizer):
@@ -299,8 +310,7 @@ class LeanAdamW(torch.optim.Optimizer):
         for name, p, master in zip(names, self.params, self.masters):
             step, exp_avg, exp_avg_sq = _fp32_moments(inner.state.get(master, {}), master)
             if isinstance(p, DTensor):
-                shards = [DTensor.from_local(t, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride())
-                          for t in (master, exp_avg, exp_avg_sq)]
+                shards = [_sharded_like(p, t) for t in (master, exp_avg, exp_avg_sq)]
             else:
                 shards = [master, exp_avg, exp_avg_sq]
             state[name] = dict(zip(("master", "exp_avg", "exp_avg_sq"), shards), step=step)
