@@ -108,6 +108,26 @@ def test_sharded_bf16_model_keeps_its_fp32_prompt_encoder_whole_and_trains_as_th
         torch.testing.assert_close(state[name], value, msg=name)  # the masters rounded to bf16: one ulp at most
 
 
+def test_sharded_bf16_model_steps_torch_adamw_as_the_plain_bf16_model(world):
+    """Without offload, torch's AdamW on the mix of bf16 DTensors and the whole fp32 prompt encoder: the clipping
+    norm spans both (torch's clip_grad_norm_ cannot mix them; the plain model's norm is computed in bf16, ours in
+    fp32: within bf16's precision) and the step gives the plain model's weights."""
+    plain, sharded = sharded_pair(world, torch.bfloat16)
+    optimizers = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-3) for m in (sharded, plain)]
+    fp32_name = "segmenter.prompt_encoder.no_mask_embed.weight"
+    fp32_before = plain.state_dict()[fp32_name].clone()
+    completions, *_ = training_pass(sharded)
+    training_pass(plain, completions)
+    norms = [clip_grad_norm(optimizer, 1.0) for optimizer in optimizers]
+    assert float(norms[0]) == pytest.approx(float(norms[1]), rel=4e-3) and float(norms[0]) > 1.0
+    for optimizer in optimizers:
+        optimizer.step()
+    state = ckpt.unsharded_copy(sharded).state_dict()
+    for name, value in plain.state_dict().items():
+        torch.testing.assert_close(state[name], value, msg=name)
+    assert state[fp32_name].dtype == torch.float32 and not torch.equal(state[fp32_name], fp32_before)  # stepped too
+
+
 def test_frozen_parts_of_a_sharded_model_get_no_gradient_and_unfreeze(world):
     _, sharded = sharded_pair(world)
     sharded.requires_grad_(False)

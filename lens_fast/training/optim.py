@@ -95,10 +95,38 @@ def build_adamw(params: Iterable[nn.Parameter], lr: float, weight_decay: float, 
 def clip_grad_norm(optimizer: torch.optim.Optimizer, max_norm: float) -> torch.Tensor:
     """The total 2-norm of the gradients ``optimizer`` is about to step, clipped to ``max_norm`` (``inf``: not
     clipped); :meth:`LeanAdamW.clip_grad_norm_` for a :class:`LeanAdamW`, ``torch.nn.utils.clip_grad_norm_``
-    over the param groups otherwise."""
+    over the param groups otherwise (which cannot mix FSDP2's DTensors with the plain parameters FSDP2 left
+    whole: those mixes are clipped over every process's shards as it does for DTensors). Collective under FSDP2."""
     if isinstance(optimizer, LeanAdamW):
         return optimizer.clip_grad_norm_(max_norm)
-    return nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], max_norm)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    sharded = [p for p in params if isinstance(p, DTensor)]
+    if sharded and len(sharded) < len(params):  # FSDP2 with parameters left whole (a bf16 model's fp32 ones)
+        grads = [(_local(p.grad), isinstance(p, DTensor)) for p in params if p.grad is not None]
+        return _clip_split_grad_norm_(grads, max_norm, sharded[0].device_mesh.get_group(), params[0].device)
+    return nn.utils.clip_grad_norm_(params, max_norm)
+
+
+def _clip_split_grad_norm_(grads: list, max_norm: float, group, device: torch.device) -> torch.Tensor:
+    """Global-norm clipping of gradients split over the processes of ``group``: ``grads`` is [(this process's
+    gradient tensor, whether it is a shard of an FSDP2-sharded parameter)], all on one device; the others are
+    replicated (the same on every process). The 2-norm of the whole: the shards' squared norms summed over the
+    processes (an all-reduce on ``device``), the replicated ones' added once (as ``clip_grad_norm_`` computes
+    it for DTensors); every gradient scaled in place to ``max_norm`` as ``clip_grad_norm_`` does. Returns the
+    norm, fp32 0-dim on the CPU. Collective: every process calls it."""
+    def squared(tensors: list) -> torch.Tensor:
+        if not tensors:
+            return torch.zeros((), device=device)
+        return torch.stack([t.detach().float().pow(2).sum() for t in tensors]).sum().to(device)
+
+    total = squared([g for g, sharded in grads if sharded])
+    torch.distributed.all_reduce(total, group=group)
+    norm = (total + squared([g for g, sharded in grads if not sharded])).sqrt()
+    if grads:
+        scale = (max_norm / (norm + 1e-6)).clamp(max=1.0).to(grads[0][0].device)
+        for grad, _ in grads:
+            grad.mul_(scale)
+    return norm.cpu()
 
 
 def state_bytes(optimizer: torch.optim.Optimizer) -> int:
@@ -211,7 +239,8 @@ class LeanAdamW(torch.optim.Optimizer):
         if self.offload:
             self._gather_gradients()
             if self.shard_group is not None:
-                return self._clip_sharded_grad_norm_(max_norm)
+                grads = [(m.grad, isinstance(p, DTensor)) for p, m in zip(self.params, self.masters) if m.grad is not None]
+                return _clip_split_grad_norm_(grads, max_norm, self.shard_group, self.device)
             return nn.utils.clip_grad_norm_([m for m in self.masters if m.grad is not None], max_norm)
         if self.step_in_backward:
             if math.isfinite(max_norm):
@@ -220,24 +249,6 @@ class LeanAdamW(torch.optim.Optimizer):
                                  "wanted inf (grad_clip 0)")
             return torch.zeros(()) if self._squared_norm is None else self._squared_norm.sqrt().cpu()
         return nn.utils.clip_grad_norm_(self.params, max_norm)
-
-    def _clip_sharded_grad_norm_(self, max_norm: float) -> torch.Tensor:
-        """Offload on FSDP2-sharded parameters: the 2-norm over every process's shards (the squared norms of the
-        sharded parameters' host gradients summed by an all-reduce; the replicated parameters', the same on
-        every process, added once) and the host gradients scaled to ``max_norm`` as ``clip_grad_norm_`` does.
-        Collective."""
-        squares = torch.zeros(2, dtype=torch.float32)  # (sharded, replicated)
-        for p, master in zip(self.params, self.masters):
-            if master.grad is not None:
-                squares[0 if isinstance(p, DTensor) else 1] += master.grad.pow(2).sum()
-        sharded = squares[:1].to(self.device)
-        torch.distributed.all_reduce(sharded, group=self.shard_group)
-        total = (sharded.cpu() + squares[1:]).sqrt()[0]
-        scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
-        for master in self.masters:
-            if master.grad is not None:
-                master.grad.mul_(scale)
-        return total
 
     def _sync_hyperparameters(self, inner: torch.optim.Optimizer) -> None:
         for group in inner.param_groups:
