@@ -1,6 +1,8 @@
 """LeanAdamW's offload on FSDP2-sharded (DTensor) parameters: 2 gloo processes (mp.spawn) step a sharded toy
-model as torch's AdamW steps its twin (global-norm clipping included), and the sharded checkpoint of the host
-masters and states, written by 2 processes, loads into 1 (another process count) with every value."""
+model (one parameter left whole, as a bf16 model's fp32 ones) as torch's AdamW steps its sharded twin and as one
+process steps the plain model on the whole batch (global-norm clipping included), and the sharded checkpoint of
+the host masters and states, written by 2 processes, loads into 1 (another process count) with every value;
+sharded checkpoints resume."""
 import socket
 
 import pytest
@@ -14,7 +16,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
 from lens_fast.training import checkpoint as ckpt
-from lens_fast.training.distributed import World
+from lens_fast.training.distributed import World, average_replicated_gradients
 from lens_fast.training.optim import LeanAdamW, _fp32_moments, build_adamw, clip_grad_norm
 
 LR, WD, STEPS, MAX_NORM = 1e-2, 0.1, 4, 0.5
@@ -35,9 +37,11 @@ def toy(seed: int = 0, hidden: int = 16) -> nn.Module:
     return model
 
 
-def sharded(model: nn.Module, mesh) -> nn.Module:
+def sharded(model: nn.Module, mesh, whole: tuple = ()) -> nn.Module:
+    """``model`` sharded by FSDP2 (its middle layer a unit), the parameters ``whole`` left unsharded (as
+    ``shard_model`` leaves a bf16 model's fp32 ones)."""
     fully_shard(model[2], mesh=mesh)
-    return fully_shard(model, mesh=mesh)
+    return fully_shard(model, mesh=mesh, ignored_params=set(whole) or None)
 
 
 def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,6 +61,7 @@ def run(model, optimizer, rank: int, size: int, steps: range = range(STEPS)) -> 
         rows = slice(rank * len(x) // size, (rank + 1) * len(x) // size)
         optimizer.zero_grad(set_to_none=True)
         nn.functional.mse_loss(model(x[rows]), y[rows]).mul(100.0).backward()  # x100: the clipping acts
+        average_replicated_gradients(model)  # (the trainer's gradient_sync: the whole parameters' all-reduce)
         norms.append(float(clip_grad_norm(optimizer, MAX_NORM)))
         optimizer.step()
     return norms
@@ -70,12 +75,13 @@ def _rank(rank: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     mesh = init_device_mesh("cpu", (2,))
-    lean_model, torch_model = sharded(toy(), mesh), sharded(toy(), mesh)
+    whole = toy()
+    lean_model, torch_model = sharded(whole, mesh, whole=(whole[4].bias,)), sharded(toy(), mesh)
     lean = build_adamw(trainable(lean_model), LR, WD, offload=True)
     reference = torch.optim.AdamW(trainable(torch_model), lr=LR, weight_decay=WD)
     result = {"lean_norms": run(lean_model, lean, rank, 2), "torch_norms": run(torch_model, reference, rank, 2),
               "local_master_sizes": [m.numel() for m in lean.masters],
-              "lean": {n: p.full_tensor() for n, p in lean_model.named_parameters()},
+              "lean": {n: p.full_tensor() if isinstance(p, DTensor) else p.detach() for n, p in lean_model.named_parameters()},
               "torch": {n: p.full_tensor() for n, p in torch_model.named_parameters()},
               "torch_states": {n: {k: reference.state[p][k].full_tensor() for k in ("exp_avg", "exp_avg_sq")}
                                for n, p in zip(names(torch_model), trainable(torch_model))}}
@@ -89,11 +95,15 @@ def test_offload_on_sharded_parameters_equals_torch_adamw_and_its_checkpoint_loa
     mp.start_processes(_rank, args=(_free_port(), str(tmp_path)), nprocs=2, start_method="spawn")
     result = torch.load(tmp_path / "result.pt")
     assert sum(result["local_master_sizes"]) < sum(p.numel() for p in trainable(toy()))  # rank 0 holds a shard only
+    plain = toy()  # one process, the whole batch, torch's clip_grad_norm_ and AdamW
+    plain_norms = run(plain, torch.optim.AdamW(trainable(plain), lr=LR, weight_decay=WD), 0, 1)
     assert result["lean_norms"] == pytest.approx(result["torch_norms"], rel=1e-5)
+    assert result["lean_norms"] == pytest.approx(plain_norms, rel=1e-5)
     assert min(result["torch_norms"]) > MAX_NORM  # every step was clipped
     start = toy()
     for name, value in result["torch"].items():
         torch.testing.assert_close(result["lean"][name], value, rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(result["lean"][name], plain.get_parameter(name).detach(), rtol=1e-5, atol=1e-6, msg=name)
         if start.get_parameter(name).requires_grad:
             assert not torch.equal(value, start.get_parameter(name)), name  # trained
         else:

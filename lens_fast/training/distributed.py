@@ -149,8 +149,8 @@ def average_replicated_gradients(model: nn.Module) -> None:
     """Average over the processes the gradients of the trainable parameters FSDP2 left whole (not DTensors:
     :func:`replicated_parameters`), as its reduce-scatter averages the sharded ones (a process without a
     gradient adds zeros); a parameter without a gradient on every process keeps none. Collective; nothing
-    in a world of one."""
-    if dist.get_world_size() == 1:
+    in a world of one or without a process group."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
         return
     params = [p for p in model.parameters() if p.requires_grad and not isinstance(p, DTensor)]
     if not params:
