@@ -92,7 +92,8 @@ def load_sharded_checkpoint(path: Path, model: LensModel, optimizer: torch.optim
     FSDP2-sharded ``model`` and its ``optimizer`` (written at any process count). Every model
     tensor must be in the checkpoint; AdamW states only for the parameters that had a gradient
     before it was written (the others, e.g. SAM's unused point embeddings, have none: their fresh
-    zero states are never used, AdamW skips a parameter without a gradient)."""
+    zero states are never used, AdamW skips a parameter without a gradient). An offloaded
+    :class:`LeanAdamW` gets its host masters (then copied into the parameters) and states back."""
     model_state, optimizer_state = _sharded_states(model, optimizer)
     shards = path / SHARDS_DIR
     dcp.load({"model": model_state}, checkpoint_id=shards)
