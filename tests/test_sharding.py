@@ -7,10 +7,10 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from lens_fast.model import Completions, build_tiny_lens
+from lens_fast.model import build_tiny_lens
 from lens_fast.training import checkpoint as ckpt
 from lens_fast.training.config import TrainConfig
-from lens_fast.training.distributed import World, fsdp_units, gathered, init_world, replicated_parameters, shard_model
+from lens_fast.training.distributed import fsdp_units, gathered, init_world, replicated_parameters, shard_model
 from lens_fast.training.optim import build_adamw, clip_grad_norm
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
