@@ -15,8 +15,9 @@ frozen reference copy, every part trained (``stage2_train`` default), AdamW + cl
   images), with each part's min time in ``extra_info`` (printed with ``-s``); ``whole, encoding twice``
   is the step with a no-grad encoding for sampling and another in the update (before the shared one).
   Ratios printed for this group are whole / part (how many times the part fits in the step).
-- ``reward[...]``: the reward part (``mask_iou_from_low_res`` + ``rollout_rewards``) beside the
-  per-completion Python loop reward functions are usually written as (open-r1 / LENS style: parse the
+- ``reward[...]``: the reward part (train.py's ``score_rollout``: ``mask_iou_from_low_res`` +
+  ``rollout_rewards`` + advantages) beside the per-completion Python loop reward functions are usually
+  written as (open-r1 / LENS style: parse the
   answer, box IoU in Python, ``F.interpolate`` each mask to the image's size, IoU in torch), asserted equal.
 - ``vs_trl[...]``: the whole step beside TRL's ``GRPOTrainer`` driving the same tiny Qwen2.5-VL policy
   (same images, prompts, G, sampling, completion cap, beta, loss type, lr, clipping) with a box reward,
@@ -58,7 +59,6 @@ from lens_fast.model import prompts as prompt_text
 from lens_fast.training import grpo
 from lens_fast.training.batches import sampling_generators
 from lens_fast.training.config import TrainConfig
-from lens_fast.training.rollout_rewards import mask_iou_from_low_res, rollout_rewards
 
 B, G = 4, 8
 CONFIG = TrainConfig(
@@ -151,15 +151,12 @@ def reference_logprobs(t: Trainer, r: Rollout) -> Rollout:
     return r
 
 
-def rewards_of(t: Trainer, r: Rollout, low_res: torch.Tensor):
-    """The reward part: (RewardOutput, mask IoU [N], advantages [N])."""
-    config = t.config
-    mask_iou = mask_iou_from_low_res(t.model.segmenter, low_res, r.gt_masks)
-    rewards = rollout_rewards(config.reward, r.texts, mask_iou, r.gt_masks, r.gt_boxes, r.images.policy_sizes,
-                              r.images.original_sizes, cot=config.prompt_style == "cot")
-    adv = grpo.advantages(rewards.components, config.num_generations, scale=config.scale_rewards,
-                          aggregation=config.reward_aggregation)
-    return rewards, mask_iou, adv
+def rewards_of(t: Trainer, r: Rollout, low_res: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The reward part, train.py's own ``score_rollout``: total, components, mask IoU and advantages [N]."""
+    from lens_fast.train import score_rollout
+
+    return score_rollout(t.config, t.model, r.texts, low_res, r.gt_masks, r.gt_boxes, r.images.policy_sizes,
+                         r.images.original_sizes, t.config.num_generations)
 
 
 def forward_backward(t: Trainer, r: Rollout, times: Optional[dict] = None) -> dict:
@@ -171,10 +168,10 @@ def forward_backward(t: Trainer, r: Rollout, times: Optional[dict] = None) -> di
     r.cache = None
     _, bce, dice = model.segmenter.mask_loss(low_res.view(len(r.gt_masks), group, *low_res.shape[1:]), r.gt_masks)
     tock = time.perf_counter()
-    rewards, mask_iou, adv = rewards_of(t, r, low_res)
+    scores = rewards_of(t, r, low_res)
     tick = time.perf_counter()
     policy_loss, stats = grpo.policy_loss(
-        logp, logp.detach(), adv, r.loss_mask, ref_logp=r.ref_logp, beta=config.beta, epsilon=config.epsilon,
+        logp, logp.detach(), scores["advantage"], r.loss_mask, ref_logp=r.ref_logp, beta=config.beta, epsilon=config.epsilon,
         epsilon_high=config.epsilon_high, importance_sampling_level=config.importance_sampling_level,
         loss_type=config.loss_type, max_completion_length=config.max_new_tokens,
     )
@@ -185,8 +182,8 @@ def forward_backward(t: Trainer, r: Rollout, times: Optional[dict] = None) -> di
         times["reward"] = tick - tock
         times["forward-backward"] = time.perf_counter() - start - times["reward"]
     return {"loss": loss.item(), "policy_loss": policy_loss.item(), "bce": bce.item(), "dice": dice.item(),
-            "kl": stats.kl, "reward/total/mean": float(rewards.reward.float().mean()),
-            "mask_iou": float(mask_iou.mean())}
+            "kl": stats.kl, "reward/total/mean": float(scores["total"].float().mean()),
+            "mask_iou": float(scores["mask_iou"].mean())}
 
 
 def optimizer_step(t: Trainer) -> float:
@@ -377,7 +374,7 @@ def test_reward(benchmark, trainer, rollout, reward_inputs, way, one_torch_threa
     if way == "per-completion loop":
         result = benchmark.pedantic(per_completion_reward, args, rounds=ROUNDS * 4)
     else:
-        result = benchmark.pedantic(lambda: rewards_of(trainer, r, low_res)[0].reward, rounds=ROUNDS * 4)
+        result = benchmark.pedantic(lambda: rewards_of(trainer, r, low_res)["total"], rounds=ROUNDS * 4)
     want = per_completion_reward(*args)
     answered = torch.arange(len(texts)) % 4 != 0
     assert (want[answered] > 0.05).all() and (want != want[0]).any()  # boxes scored, masks differ
