@@ -71,7 +71,7 @@ def save_sharded_checkpoint(root: Path, name: str, model: LensModel, optimizer: 
     ``trainer_state`` (picklable, without the optimiser) and RNG states, and with ``full_model`` also
     the full ``save_pretrained`` files (gathered on process 0's CPU). Atomic as
     :func:`save_checkpoint`: ``latest`` moves once every shard is written."""
-    staging = root / f".{name}.tmp"
+    staging = _staging_path(root, name)
     if world.is_main:
         _staging(root, name)
     world.barrier()
@@ -136,9 +136,14 @@ def unsharded_copy(model: LensModel, *, main_only: bool = False) -> Optional[Len
     return copy
 
 
+def _staging_path(root: Path, name: str) -> Path:
+    return root / f".{name}.tmp"
+
+
 def _staging(root: Path, name: str) -> Path:
+    """A fresh, empty staging directory for checkpoint ``name``."""
     root.mkdir(parents=True, exist_ok=True)
-    staging = root / f".{name}.tmp"
+    staging = _staging_path(root, name)
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
     return staging
