@@ -318,9 +318,9 @@ def train(config: TrainConfig, world: World) -> int:
                 return forward(images.select(p.prompts), prompts.select(p.prompts), completions.select(p.rows), temperature,
                                cache=cache.select(p.prompts) if cache is not None else None)
 
-            def score(prompt_ids: list[int], rows: slice, low_res: torch.Tensor) -> dict[str, torch.Tensor]:
+            def score(prompt_ids: list[int], row_slice: slice, low_res: torch.Tensor) -> dict[str, torch.Tensor]:
                 tock = time.time()
-                scored = score_rollout(config, model, texts[rows], low_res, [gt_masks[i] for i in prompt_ids], gt_boxes[prompt_ids],
+                scored = score_rollout(config, model, texts[row_slice], low_res, [gt_masks[i] for i in prompt_ids], gt_boxes[prompt_ids],
                                        images.policy_sizes[prompt_ids], images.original_sizes[prompt_ids], group)
                 record["time/reward"] = record.get("time/reward", 0.0) + time.time() - tock
                 return scored
