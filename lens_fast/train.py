@@ -1,13 +1,13 @@
 """LENS-style training: ``python -m lens_fast.train`` (``--help`` lists every option).
 
-config -> data -> model -> for each step: rollout -> reward -> advantage -> loss -> step -> log /
-checkpoint. Stage 1 aligns (teacher-forced ground-truth answers: BCE + Dice on the masks, plus the
+Read top to bottom: config -> data -> model -> for each step: ``rollout()`` -> ``score()`` -> ``update()``
+-> log / checkpoint, plain functions passing one :class:`Rollout`; :class:`TrainerState` is exactly what
+a checkpoint saves; a stage is data (:class:`Stage`). Stage 1 aligns (teacher-forced ground-truth answers: BCE + Dice on the masks, plus the
 answer's cross-entropy for a policy that cannot yet write boxes); stage 2 is GRPO on sampled answers
 with the policy's own masks, plus BCE + Dice. Everything else lives in ``lens_fast.training``.
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import logging
@@ -16,6 +16,7 @@ import os
 import signal
 import sys
 import time
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Optional, Sequence
@@ -25,12 +26,14 @@ import torch
 from tqdm import tqdm
 
 from lens_fast.data import SyntheticConfig, SyntheticRefDataset
-from lens_fast.model import Completions, ImageCache, LensModel, PromptBatch, build_tiny_lens, from_components, from_pretrained
+from lens_fast.model import (
+    Completions, ImageBatch, ImageCache, LensModel, PromptBatch, build_tiny_lens, from_components, from_pretrained,
+)
 from lens_fast.training import grpo
 from lens_fast.training.batches import Batches, MicroBatch, micro_batches, sampling_generators
 from lens_fast.training.checkpoint import (
-    is_sharded, latest_checkpoint, load_sharded_checkpoint, load_trainer_state, save_checkpoint, save_sharded_checkpoint,
-    set_rng_state, unsharded_copy,
+    is_sharded, latest_checkpoint, load_sharded_checkpoint, load_trainer_state, periodic_name, save_checkpoint,
+    save_sharded_checkpoint, set_rng_state,
 )
 from lens_fast.training.config import TrainConfig, parse_args
 from lens_fast.training.distributed import World, close_world, data_parallel, gathered, gradient_sync, init_world, shard_model
@@ -115,6 +118,96 @@ def build_optimizer(params, lr: float, steps: int, config: TrainConfig):
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+@dataclass(frozen=True)
+class Stage:
+    """One stage of the run, as data. ``group``: completions per prompt (1: the teacher-forced answer)."""
+
+    name: str  # align (teacher-forced answers, BCE + Dice + answer cross-entropy) | grpo (sampled answers)
+    steps: int
+    parts: tuple[str, ...]  # the trained parts of LensModel.parts()
+    lr: float
+    batch_size: int  # prompts per step, over every process
+    group: int
+    updates: int  # optimizer steps per rollout
+
+    @property
+    def grpo(self) -> bool:
+        return self.name == "grpo"
+
+
+def stages_of(config: TrainConfig) -> dict[str, Stage]:
+    return {"align": Stage("align", config.stage1_steps, config.stage1_train, config.stage1_lr, config.stage1_batch_size, 1, 1),
+            "grpo": Stage("grpo", config.stage2_steps, config.stage2_train, config.lr, config.batch_size,
+                          config.num_generations, config.num_iterations)}
+
+
+@dataclass
+class TrainerState:
+    """Where the run is: exactly what a checkpoint saves (with the RNG states). ``position``: where the
+    next global batch starts in the training data; ``val``: every validation so far."""
+
+    step: int = 0
+    stage: str = "align"
+    position: int = 0
+    val: list = field(default_factory=list)
+    wall_time: float = 0.0  # seconds before this process started (a resumed run's earlier time)
+    optimizer: Optional[torch.optim.Optimizer] = None  # the stage's
+    scheduler: Optional[torch.optim.lr_scheduler.LRScheduler] = None
+
+    def saved(self, wall_time: float) -> dict:
+        """The picklable state (the optimizer's is added by the caller: whole, or sharded by FSDP2)."""
+        return {"step": self.step, "stage": self.stage, "position": self.position, "val": self.val,
+                "scheduler": self.scheduler.state_dict(), "wall_time": wall_time}
+
+
+@dataclass
+class Run:
+    """What every step uses: the config, this process's world, the model and, for the current stage, the
+    module its update runs through (DDP-wrapped unless FSDP2), the KL reference and whether the stage
+    trains an image encoder (the policy's vision tower or SAM's)."""
+
+    config: TrainConfig
+    world: World
+    model: LensModel
+    checkpoints: Path
+    forward: Optional[torch.nn.Module] = None
+    reference: Optional[LensModel] = None
+    trains_encoders: bool = False
+
+    @property
+    def device(self) -> torch.device:
+        return self.world.device
+
+    @property
+    def sharded(self) -> bool:
+        return self.config.sharding == "fsdp"
+
+    def autocast(self):
+        mixed = resolve_precision(self.config, self.device) == "bf16-mixed"
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=mixed)
+
+
+@dataclass
+class Rollout:
+    """One step's batch and the policy's answers: N = B * G rows, row b * G + g answering prompt b."""
+
+    images: ImageBatch
+    prompts: PromptBatch
+    gt_masks: list[torch.Tensor]  # uint8 [H, W] per prompt, on the device
+    gt_boxes: torch.Tensor  # float [B, 4], xyxy pixels of the original images
+    completions: Completions
+    loss_mask: torch.Tensor  # bool [N, L]: the tokens the loss counts
+    temperature: float
+    passes: list[MicroBatch]  # the update's forward/backward passes over the rows
+    cache: Optional[ImageCache] = None  # image encodings shared by the update (None: each pass encodes)
+    texts: list[str] = field(default_factory=list)
+    ref_logp: Optional[torch.Tensor] = None  # float [N, L]: the KL reference's log-probs
+    old_logp: Optional[torch.Tensor] = None  # float [N, L]: the first update's (the sampling policy's)
+    scores: dict[str, torch.Tensor] = field(default_factory=dict)  # float [N] on the CPU: rewards, mask_iou, advantage
+    scored_pass: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # score()'s (logp, low_res) with its graph (one pass)
+    times: dict[str, float] = field(default_factory=dict)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     config, args = parse_args(argv)
     if args.plan:
@@ -142,18 +235,18 @@ def train(config: TrainConfig, world: World) -> int:
     say = print if world.is_main else (lambda *a, **k: None)
     output_dir = Path(config.output_dir or f"runs/{datetime.now():%Y%m%d-%H%M%S}")
     checkpoints = output_dir / "checkpoints"
-    device = world.device
     config_dict = dataclasses.asdict(config)
+    stages = stages_of(config)
 
     # ---- resume? ---------------------------------------------------------------------------------------
     resume_from = latest_checkpoint(checkpoints) if config.resume else None
     if config.resume and resume_from is None:
         say(f"error: --resume: no checkpoint under {checkpoints}", file=sys.stderr)
         return 2
-    state = None
+    saved = None
     if resume_from is not None:
         try:
-            state = load_trainer_state(resume_from, config_dict)
+            saved = load_trainer_state(resume_from, config_dict)
         except ValueError as error:
             say(f"error: {error}", file=sys.stderr)
             return 2
@@ -161,263 +254,93 @@ def train(config: TrainConfig, world: World) -> int:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "config.json").write_text(json.dumps(config_dict, indent=2) + "\n")
 
-    # ---- data, model -------------------------------------------------------------------------------------
+    # ---- data, model, trainer state --------------------------------------------------------------------
     torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
-    mixed = resolve_precision(config, device) == "bf16-mixed"
-    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=mixed)  # noqa: E731
     train_set, val_set, val_full = build_datasets(config)
-    sharded = config.sharding == "fsdp"
-    model = build_model(config, device, resume_from if resume_from is not None and not is_sharded(resume_from) else None)
-    if sharded:
+    model = build_model(config, world.device, resume_from if resume_from is not None and not is_sharded(resume_from) else None)
+    if config.sharding == "fsdp":
         shard_model(model, world)  # before any optimiser: FSDP2 puts sharded parameters in place
-    total_steps = config.stage1_steps + config.stage2_steps
-    step, position, bad_steps = 0, 0, 0
-    val_history: list[dict] = []
-    wall_before = 0.0
-    if state is not None:
-        step, position, val_history, wall_before = state["step"], state["position"], state["val"], state["wall_time"]
-        set_rng_state(state["rng"])
-        say(f"resuming from {resume_from} at step {step} ({world.size} process(es))")
-    log = MetricsLog(output_dir, resume_step=step if state is not None else None) if world.is_main else None
-
-    def log_val(entry: dict) -> None:
-        log.write({"step": entry["step"], "stage": "val", **{f"val/{k}": v for k, v in entry.items() if isinstance(v, float)}})
-
-    if state is not None and world.is_main:  # the checkpoint's validation at its own step (the log restarts there)
-        for entry in val_history:
-            if entry["step"] == step:
-                log_val(entry)
+    run = Run(config, world, model, checkpoints)
+    state = TrainerState(stage="align" if config.stage1_steps else "grpo")
+    if saved is not None:
+        state = TrainerState(saved["step"], saved["stage"], saved["position"], saved["val"], saved["wall_time"])
+        set_rng_state(saved["rng"])
+        say(f"resuming from {resume_from} at step {state.step} ({world.size} process(es))")
+    log = MetricsLog(output_dir, resume_step=state.step if saved is not None else None) if world.is_main else None
+    if saved is not None and world.is_main:  # the checkpoint's validation at its own step (the log restarts there)
+        for entry in state.val:
+            if entry["step"] == state.step:
+                log_validation(log, entry)
+    batches = Batches(train_set, model, state.position, world)
+    enter_stage(run, state, stages[state.stage])
+    if saved is not None:
+        if run.sharded:
+            load_sharded_checkpoint(resume_from, model, state.optimizer)
+        else:
+            state.optimizer.load_state_dict(saved["optimizer"])
+        state.scheduler.load_state_dict(saved["scheduler"])
+    if state.stage == "grpo":
+        run.reference = reference_model(run)
 
     stop_signal: list[int] = []
     previous_handlers = {sig: signal.signal(sig, lambda number, frame: stop_signal.append(number))
                          for sig in (signal.SIGINT, signal.SIGTERM)}
-
-    def evaluate(after: str) -> None:
-        with gathered(model):  # FSDP2: every process all-gathers the parameters, process 0 validates
-            if world.is_main:
-                with autocast():
-                    entry = {"after": after, "step": step, **validate(model, val_set, size=config.val_size, batch_size=config.val_batch_size)}
-                    if val_full is not None:
-                        entry["full"] = validate(model, val_full, size=config.val_size, batch_size=config.val_batch_size)
-                val_history.append(entry)
-                say(f"val after {after}: " + ", ".join(f"{k} {v:.3f}" for k, v in entry.items() if isinstance(v, float)), flush=True)
-                log_val(entry)
-            world.barrier()
-
-    def checkpoint(name: str = "latest_step") -> None:
-        trainer_state = {"config": config_dict, "step": step, "position": batches.position, "val": val_history,
-                         "scheduler": scheduler.state_dict(), "wall_time": wall_before + time.time() - started}
-        if sharded:  # every process writes its shards; stage1 and final also as full save_pretrained files
-            save_sharded_checkpoint(checkpoints, name, model, optimizer, trainer_state, world,
-                                    full_model=name in ("stage1", "final"))
-            return
-        if world.is_main:
-            save_checkpoint(checkpoints, name, model, {**trainer_state, "optimizer": optimizer.state_dict()})
-        world.barrier()
-
     started = time.time()
-    if not val_history:
-        evaluate("start")
-    # a checkpoint written at the last stage-1 step, before stage 1's validation and checkpoint, is still in stage 1
-    stage1_done = step > config.stage1_steps or any(e["after"] == "stage1" for e in val_history)
-    stage = "align" if config.stage1_steps and not stage1_done else "grpo"
-    optimizer = scheduler = reference = forward = None
-    trains_encoders = False  # the stage trains the policy's vision tower or SAM's image encoder
-
-    def enter_stage(name: str) -> None:
-        nonlocal optimizer, scheduler, reference, forward, trains_encoders
-        parts, lr, steps = (
-            (config.stage1_train, config.stage1_lr, config.stage1_steps) if name == "align"
-            else (config.stage2_train, config.lr, config.stage2_steps)
-        )
-        if isinstance(optimizer, LeanAdamW):
-            optimizer.close()  # its step-in-backward hooks leave the parameters
-        optimizer, scheduler = build_optimizer(parameters_of(model, parts), lr, steps, config)
-        trains_encoders = any(p.requires_grad for part in ("vision", "sam_encoder") for m in model.parts()[part] for p in m.parameters())
-        forward = model if sharded else data_parallel(model, world)  # after the trainable parameters are chosen
-        if name == "grpo" and config.beta > 0:  # LENS: the reference is the stage-1 model (whole on every process)
-            stage1 = checkpoints / "stage1"
-            if stage1.exists():
-                reference = from_pretrained(stage1, device=device)
-            else:
-                reference = unsharded_copy(model) if sharded else copy.deepcopy(model)
-            reference.requires_grad_(False).eval()
-
-    batches = Batches(train_set, model, position, world)
-    enter_stage(stage)
-    if state is not None:
-        if sharded:
-            load_sharded_checkpoint(resume_from, model, optimizer)
-        else:
-            optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+    wall_time = lambda: state.wall_time + time.time() - started  # noqa: E731
+    total_steps = config.stage1_steps + config.stage2_steps
+    bar = tqdm(total=total_steps, initial=state.step, disable=not (config.progress and world.is_main), unit="step",
+               dynamic_ncols=True)
+    last_print, bad_steps = time.time(), 0
+    if not state.val:
+        evaluate(run, state, "start", val_set, val_full, log)
     model.train()
-    bar = tqdm(total=total_steps, initial=step, disable=not (config.progress and world.is_main), unit="step", dynamic_ncols=True)
-    last_log = time.time()
     try:
-        while step < total_steps:
-            if stage == "align" and step >= config.stage1_steps:
-                evaluate("stage1")
-                checkpoint("stage1")
-                stage = "grpo"
-                enter_stage(stage)
+        while state.step < total_steps:
+            if state.stage == "align" and state.step >= config.stage1_steps:  # the stage boundary
+                evaluate(run, state, "stage1", val_set, val_full, log)
+                enter_stage(run, state, stages["grpo"])  # its optimizer and schedule are what "stage1" saves
+                save(run, state, "stage1", wall_time())
+                run.reference = reference_model(run)
                 model.train()
+            stage = stages[state.stage]
             tick = time.time()
-            record: dict = {"step": step, "stage": stage}
-
-            # ---- rollout -------------------------------------------------------------------------------
-            global_size = config.stage1_batch_size if stage == "align" else config.batch_size
-            first_prompt = batches.position + world.share(global_size)[0]
-            samples, images = batches.next(global_size)
-            expressions = [s.expression for s in samples]
-            prompts = model.tokenize_prompts(images, expressions)
-            gt_masks = [torch.from_numpy(s.mask).to(device) for s in samples]
-            gt_boxes = torch.from_numpy(np.stack([s.box for s in samples]))
-            group = 1 if stage == "align" else config.num_generations
-            passes = micro_batches(len(samples), group, config.micro_batch)
-            cache = None  # image encodings the update passes share (None: each pass encodes its images)
-            if stage == "align":
-                ids, mask = model.answer_ids(expressions, gt_boxes, images.policy_sizes, images.original_sizes)
-                completions = Completions(ids, mask, torch.zeros(len(samples), dtype=torch.bool, device=device))
-                temperature, loss_mask = 1.0, completions.mask
+            rollout_ = rollout(run, stage, batches, state.step)
+            state.position = batches.position
+            if stage.grpo:
+                score(run, stage, rollout_)
+            record = update(run, stage, rollout_, state.optimizer)
+            if record is None:  # a non-finite loss: no update this step
+                bad_steps += 1
+                if world.is_main:
+                    log.write({"step": state.step, "stage": stage.name, "skipped": "non-finite loss", "loss": None})
+                if bad_steps >= config.max_bad_steps:
+                    raise Stop(f"{bad_steps} consecutive non-finite losses at step {state.step}")
+                record = {}
             else:
-                temperature = config.temperature
-                # One encoding serves sampling and the update: without gradient when the encoders are frozen,
-                # with it when they train and one pass takes every row (the graph waits for that backward; not
-                # under FSDP2, whose root parameters are gathered with grad only inside the model's forward).
-                keep_graph = trains_encoders and len(passes) == 1 and not sharded
-                generators = sampling_generators(config.seed, step, first_prompt, len(samples), device)
-                with gathered(model):  # FSDP2: every parameter for the rollout (generation lengths differ by process)
-                    with torch.set_grad_enabled(keep_graph), autocast():
-                        encoding = model.encode(images, sam=not trains_encoders)
-                    model.eval()
-                    with torch.no_grad(), autocast():
-                        completions = model.generate(
-                            prompts, encoding.detach(), num_generations=group, max_new_tokens=config.max_new_tokens,
-                            temperature=temperature, top_p=config.top_p, top_k=config.top_k, generator=generators,
-                            kv_cache=config.kv_cache,
-                        )
-                    model.train()
-                cache = encoding if not trains_encoders or keep_graph else None
-                texts = model.decode_text(completions)
-                loss_mask = completions.mask & ~completions.truncated[:, None] if config.mask_truncated_completions else completions.mask
-                ref_logp = None
-                if reference is not None:  # its vision tower is the model's while stage 2 does not train it
-                    with torch.no_grad(), autocast():
-                        ref_cache = encoding.detach() if "vision" not in config.stage2_train else reference.encode(images, sam=False)
-                        ref_logp = torch.cat([reference_logprobs(reference, prompts, ref_cache, completions, p, temperature) for p in passes])
-            record["time/rollout"] = time.time() - tick
-
-            # ---- forward, reward, advantage, loss, step (num_iterations updates per rollout) ---------------
-            # Each update runs over ``passes`` (micro-batches of rows) whose losses add up to the step's.
-            rows = len(completions.ids)
-            tokens = world.mean({"tokens": float(loss_mask.sum())})["tokens"] if stage == "grpo" else None  # (DDP averages)
-
-            def pass_forward(p: MicroBatch, cache: Optional[ImageCache]):
-                return forward(images.select(p.prompts), prompts.select(p.prompts), completions.select(p.rows), temperature,
-                               cache=cache.select(p.prompts) if cache is not None else None)
-
-            def score(prompt_ids: list[int], row_slice: slice, low_res: torch.Tensor) -> dict[str, torch.Tensor]:
-                tock = time.time()
-                scored = score_rollout(config, model, texts[row_slice], low_res, [gt_masks[i] for i in prompt_ids], gt_boxes[prompt_ids],
-                                       images.policy_sizes[prompt_ids], images.original_sizes[prompt_ids], group)
-                record["time/reward"] = record.get("time/reward", 0.0) + time.time() - tock
-                return scored
-
-            scores: dict[str, torch.Tensor] = {}  # per row: rewards, mask IoU, advantage
-            if stage == "grpo":
-                old_logp = torch.zeros(loss_mask.shape, device=device)
-                group_local = config.scale_rewards != "batch" and config.reward_aggregation == "sum"
-                if len(passes) > 1 and not (group_local and all(p.whole_groups for p in passes)):
-                    with torch.no_grad(), autocast():  # the advantages need rewards from more than one pass first
-                        low_res = torch.cat([pass_forward(p, cache)[1] for p in passes])
-                    scores = score(list(range(len(samples))), slice(0, rows), low_res)
-            scored_ahead = bool(scores)
-            finite = True
-            for iteration in range(1 if stage == "align" else config.num_iterations):
-                optimizer.zero_grad(set_to_none=True)
-                sums = dict.fromkeys(("loss", "bce", "dice", "answer_nll" if stage == "align" else "policy_loss"), 0.0)
-                kl = clipped = 0.0
-                for p in passes:
-                    share = (p.rows.stop - p.rows.start) / rows
-                    with gradient_sync(forward, p.last):
-                        with autocast():  # a frozen encoding serves every update; one with gradient, the first
-                            logp, low_res = pass_forward(p, cache if iteration == 0 or not trains_encoders else None)
-                        bce = dice = torch.zeros((), device=device)
-                        if low_res.requires_grad:  # (a frozen SAM prompted by the answer has nothing to learn)
-                            _, bce, dice = model.segmenter.mask_loss(low_res.view(len(p.prompts), -1, *low_res.shape[1:]),
-                                                                     [gt_masks[i] for i in p.prompts])
-                            bce, dice = share * bce, share * dice
-                        if stage == "align":
-                            nll = share * answer_nll(logp, completions.mask[p.rows])
-                            loss = config.sft_weight * nll + bce + dice
-                            sums["answer_nll"] += nll.item()
-                        else:
-                            if iteration == 0:
-                                old_logp[p.rows] = logp.detach()
-                                if not scored_ahead:
-                                    for name, value in score(p.prompts, p.rows, low_res).items():
-                                        scores.setdefault(name, torch.zeros(rows, dtype=value.dtype))[p.rows] = value
-                            policy_loss, stats = grpo.policy_loss(
-                                logp, old_logp[p.rows], scores["advantage"][p.rows].to(device), loss_mask[p.rows],
-                                ref_logp=None if ref_logp is None else ref_logp[p.rows], beta=config.beta, epsilon=config.epsilon,
-                                epsilon_high=config.epsilon_high, importance_sampling_level=config.importance_sampling_level,
-                                loss_type=config.loss_type, max_completion_length=config.max_new_tokens, total_rows=rows,
-                                total_tokens=tokens,
-                            )
-                            loss = policy_loss + config.mask_loss_weight * (bce + dice)
-                            pass_tokens = float(loss_mask[p.rows].sum())
-                            sums["policy_loss"] += policy_loss.item()
-                            kl, clipped = kl + stats.kl * pass_tokens, clipped + stats.clip_fraction * pass_tokens
-                        sums.update(loss=sums["loss"] + loss.item(), bce=sums["bce"] + bce.item(), dice=sums["dice"] + dice.item())
-                        finite = not world.any(not torch.isfinite(loss))
-                        if not finite:
-                            break
-                        loss.backward()  # DDP (all-reduce) or FSDP2 (reduce-scatter) averages gradients at the last pass
-                if not finite:
-                    bad_steps += 1
-                    if world.is_main:
-                        log.write({"step": step, "stage": stage, "skipped": "non-finite loss", "loss": None})
-                    if bad_steps >= config.max_bad_steps:
-                        raise Stop(f"{bad_steps} consecutive non-finite losses at step {step}")
-                    if sharded:
-                        model.reset_iter_state()  # FSDP2: a forward without its backward
-                    break
                 bad_steps = 0
-                grad_norm = clip_grad_norm(optimizer, config.grad_clip or float("inf"))
-                optimizer.step()
-                record.update(sums, grad_norm=float(grad_norm))
-                if stage == "grpo":
-                    local_tokens = max(1.0, float(loss_mask.sum()))
-                    record.update(kl=kl / local_tokens, clip_fraction=clipped / local_tokens)
-                    if iteration == 0:
-                        record.update(rollout_record(scores, group, completions))
-            scheduler.step()
-            step += 1
+            state.scheduler.step()
+            state.step += 1
             bar.update(1)
 
             # ---- log / checkpoint --------------------------------------------------------------------------
-            elapsed = time.time() - tick
-            tokens = int(completions.mask.sum()) + prompts.attention_mask.sum().item() * group
-            record.update(lr=scheduler.get_last_lr()[0], step_time=elapsed,
-                          samples_per_s=world.size * len(completions.ids) / elapsed, tokens_per_s=world.size * tokens / elapsed,
-                          peak_memory_gb=(torch.cuda.max_memory_allocated() / 2**30) if device.type == "cuda" else None)
-            record = world.mean(record)
-            if world.is_main and (step % config.log_every == 0 or step == total_steps):
-                log.write(record)
-                shown = {k: record[k] for k in ("loss", "reward/total/mean", "reward/box/mean", "reward/mask/mean") if k in record}
-                bar.set_postfix({k.split("/")[-2] if "/" in k else k: f"{v:.3f}" for k, v in shown.items()}, refresh=False)
+            if record:
+                record = world.mean(step_record(run, stage, state.step - 1, state.scheduler, rollout_, record, time.time() - tick))
+                if world.is_main and (state.step % config.log_every == 0 or state.step == total_steps):
+                    log.write(record)
+                    shown = {k: record[k] for k in ("loss", "reward/total/mean", "reward/box/mean", "reward/mask/mean") if k in record}
+                    bar.set_postfix({k.split("/")[-2] if "/" in k else k: f"{v:.3f}" for k, v in shown.items()}, refresh=False)
             if world.any(bool(stop_signal)):
-                checkpoint()
-                say(f"\nstopped by a signal at step {step}; checkpoint written. Resume with --resume true "
+                save(run, state, periodic_name(state.step), wall_time())
+                say(f"\nstopped by a signal at step {state.step}; checkpoint written. Resume with --resume true "
                     f"--output-dir {output_dir}", flush=True)
                 return 0
-            if step % config.checkpoint_every == 0:
-                checkpoint()
-            if time.time() - last_log > 60 and not config.progress:
-                say(f"step {step}/{total_steps} " + json.dumps({k: round(v, 4) for k, v in record.items() if isinstance(v, float)}), flush=True)
-                last_log = time.time()
+            if state.step % config.checkpoint_every == 0:
+                save(run, state, periodic_name(state.step), wall_time())
+            if time.time() - last_print > 60 and not config.progress and record:
+                say(f"step {state.step}/{total_steps} " + json.dumps({k: round(v, 4) for k, v in record.items() if isinstance(v, float)}),
+                    flush=True)
+                last_print = time.time()
     except Stop as error:
         say(f"error: {error}; the last good checkpoint is kept under {checkpoints}", file=sys.stderr)
         return 1
@@ -428,23 +351,232 @@ def train(config: TrainConfig, world: World) -> int:
             signal.signal(sig, handler)
 
     last = "stage1" if config.stage2_steps == 0 else "stage2"
-    if not any(e["after"] == last for e in val_history):  # (a resumed finished run has it)
-        evaluate(last)
-    checkpoint("final")
+    if not any(e["after"] == last for e in state.val):  # (a resumed finished run has it)
+        evaluate(run, state, last, val_set, val_full, log)
+    if latest_checkpoint(checkpoints) != checkpoints / "final":  # (a resumed finished run has it)
+        save(run, state, "final", wall_time())
     if world.is_main:
-        wall = wall_before + time.time() - started
-        summary = {"val": [{k: v for k, v in e.items() if k != "full"} for e in val_history], "wall_time_s": wall,
-                   "steps": step, "processes": world.size}
-        if val_full is not None:
-            summary["val_full"] = [{"after": e["after"], **e["full"]} for e in val_history]
-        records = log.records()
-        summary["stage2_box_reward"] = box_reward_rise(records)
-        (output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        plot_curves(records, summary["val"], output_dir / "curves.png")
-        log.close()
-        say(summary_table(summary))
-        say(f"wrote {output_dir}/summary.json, metrics.jsonl, curves.png, checkpoints/final")
+        write_summary(output_dir, state, val_full is not None, wall_time(), world.size, log)
     return 0
+
+
+# ---- the stage's optimizer and models ----------------------------------------------------------------------------
+def enter_stage(run: Run, state: TrainerState, stage: Stage) -> None:
+    """Make ``stage`` the current one: its trainable parts, a fresh optimizer and LR schedule, the module
+    the update runs through."""
+    if isinstance(state.optimizer, LeanAdamW):
+        state.optimizer.close()  # its step-in-backward hooks leave the parameters
+    state.stage = stage.name
+    state.optimizer, state.scheduler = build_optimizer(parameters_of(run.model, stage.parts), stage.lr, stage.steps, run.config)
+    encoders = [m for part in ("vision", "sam_encoder") for m in run.model.parts()[part]]
+    run.trains_encoders = any(p.requires_grad for m in encoders for p in m.parameters())
+    run.forward = run.model if run.sharded else data_parallel(run.model, run.world)  # after the trainable parameters are chosen
+
+
+def reference_model(run: Run) -> Optional[LensModel]:
+    """LENS's KL reference, frozen and whole on every process (None when ``beta`` is 0): the stage-1
+    model (``checkpoints/stage1``), or without stage 1 the starting model, rebuilt: the same model
+    whether or not the run was resumed."""
+    if run.config.beta == 0:
+        return None
+    if run.config.stage1_steps:
+        reference = from_pretrained(run.checkpoints / "stage1", device=run.device)
+    else:
+        reference = build_model(run.config, run.device)
+    return reference.requires_grad_(False).eval()
+
+
+# ---- one step: rollout -> score -> update ------------------------------------------------------------------------
+def rollout(run: Run, stage: Stage, batches: Batches, step: int) -> Rollout:
+    """The next batch and the policy's answers: the ground-truth answers (align), or G sampled completions
+    per prompt with the reference's log-probs (grpo)."""
+    config, model, device = run.config, run.model, run.device
+    tick = time.time()
+    first_prompt = batches.position + run.world.share(stage.batch_size)[0]
+    samples, images = batches.next(stage.batch_size)
+    expressions = [s.expression for s in samples]
+    prompts = model.tokenize_prompts(images, expressions)
+    gt_masks = [torch.from_numpy(s.mask).to(device) for s in samples]
+    gt_boxes = torch.from_numpy(np.stack([s.box for s in samples]))
+    passes = micro_batches(len(samples), stage.group, config.micro_batch)
+    if not stage.grpo:
+        ids, mask = model.answer_ids(expressions, gt_boxes, images.policy_sizes, images.original_sizes)
+        completions = Completions(ids, mask, torch.zeros(len(samples), dtype=torch.bool, device=device))
+        return Rollout(images, prompts, gt_masks, gt_boxes, completions, completions.mask, 1.0, passes,
+                       times={"time/rollout": time.time() - tick})
+
+    # One encoding serves sampling and the update: without gradient when the encoders are frozen, with it
+    # when they train and one pass takes every row (the graph waits for that backward; not under FSDP2,
+    # whose root parameters are gathered with grad only inside the model's forward).
+    keep_graph = run.trains_encoders and len(passes) == 1 and not run.sharded
+    generators = sampling_generators(config.seed, step, first_prompt, len(samples), device)
+    with gathered(model):  # FSDP2: every parameter for the rollout (generation lengths differ by process)
+        with torch.set_grad_enabled(keep_graph), run.autocast():
+            encoding = model.encode(images, sam=not run.trains_encoders)
+        model.eval()
+        with torch.no_grad(), run.autocast():
+            completions = model.generate(
+                prompts, encoding.detach(), num_generations=stage.group, max_new_tokens=config.max_new_tokens,
+                temperature=config.temperature, top_p=config.top_p, top_k=config.top_k, generator=generators,
+                kv_cache=config.kv_cache,
+            )
+        model.train()
+    loss_mask = completions.mask & ~completions.truncated[:, None] if config.mask_truncated_completions else completions.mask
+    made = Rollout(images, prompts, gt_masks, gt_boxes, completions, loss_mask, config.temperature, passes,
+                   cache=encoding if not run.trains_encoders or keep_graph else None, texts=model.decode_text(completions))
+    if run.reference is not None:  # its vision tower is the model's while stage 2 does not train it
+        with torch.no_grad(), run.autocast():
+            reference_cache = encoding.detach() if "vision" not in stage.parts else run.reference.encode(images, sam=False)
+            made.ref_logp = torch.cat([reference_logprobs(run.reference, prompts, reference_cache, completions, p, made.temperature)
+                                       for p in passes])
+    made.times["time/rollout"] = time.time() - tick
+    return made
+
+
+def pass_forward(run: Run, r: Rollout, p: MicroBatch, cache: Optional[ImageCache]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The policy's (log-probs float [n, L], low-res mask logits [n, 4e, 4e]) of pass ``p``'s rows."""
+    return run.forward(r.images.select(p.prompts), r.prompts.select(p.prompts), r.completions.select(p.rows), r.temperature,
+                       cache=cache.select(p.prompts) if cache is not None else None)
+
+
+def score(run: Run, stage: Stage, r: Rollout) -> None:
+    """Every row's rewards and advantage (``r.scores``). The masks come from a forward pass of the policy:
+    kept with its graph for the first update when one pass takes every row, else run without gradient
+    (the advantages need every pass's rewards; the update repeats the passes)."""
+    one_pass = len(r.passes) == 1
+    with torch.set_grad_enabled(one_pass), run.autocast():
+        outputs = [pass_forward(run, r, p, r.cache) for p in r.passes]
+    if one_pass:
+        r.scored_pass = outputs[0]
+    tick = time.time()
+    low_res = torch.cat([low for _, low in outputs]).detach()
+    r.scores = score_rollout(run.config, run.model, r.texts, low_res, r.gt_masks, r.gt_boxes, r.images.policy_sizes,
+                             r.images.original_sizes, stage.group)
+    r.times["time/reward"] = time.time() - tick
+
+
+def update(run: Run, stage: Stage, r: Rollout, optimizer: torch.optim.Optimizer) -> Optional[dict]:
+    """``stage.updates`` optimizer steps on the rollout, each over its passes (whose losses add up to the
+    step's); the step's statistics, or None when a loss was not finite (no step taken)."""
+    config, world = run.config, run.world
+    rows = len(r.completions.ids)
+    tokens = world.mean({"tokens": float(r.loss_mask.sum())})["tokens"] if stage.grpo else None  # (DDP averages)
+    if stage.grpo:
+        r.old_logp = torch.zeros(r.loss_mask.shape, device=run.device)
+    record: dict = {}
+    for iteration in range(stage.updates):
+        optimizer.zero_grad(set_to_none=True)
+        sums = dict.fromkeys(("loss", "bce", "dice", "policy_loss" if stage.grpo else "answer_nll"), 0.0)
+        kl = clipped = 0.0
+        for p in r.passes:
+            with gradient_sync(run.forward, p.last):
+                if iteration == 0 and r.scored_pass is not None:
+                    logp, low_res = r.scored_pass
+                else:
+                    with run.autocast():  # a frozen encoding serves every update; one with gradient, the first
+                        logp, low_res = pass_forward(run, r, p, r.cache if iteration == 0 or not run.trains_encoders else None)
+                share = (p.rows.stop - p.rows.start) / rows
+                bce = dice = torch.zeros((), device=run.device)
+                if low_res.requires_grad:  # (a frozen SAM prompted by the answer has nothing to learn)
+                    _, bce, dice = run.model.segmenter.mask_loss(low_res.view(len(p.prompts), -1, *low_res.shape[1:]),
+                                                                 [r.gt_masks[i] for i in p.prompts])
+                    bce, dice = share * bce, share * dice
+                if not stage.grpo:
+                    nll = share * answer_nll(logp, r.completions.mask[p.rows])
+                    loss = config.sft_weight * nll + bce + dice
+                    sums["answer_nll"] += nll.item()
+                else:
+                    if iteration == 0:
+                        r.old_logp[p.rows] = logp.detach()
+                    policy_loss, stats = grpo.policy_loss(
+                        logp, r.old_logp[p.rows], r.scores["advantage"][p.rows].to(run.device), r.loss_mask[p.rows],
+                        ref_logp=None if r.ref_logp is None else r.ref_logp[p.rows], beta=config.beta, epsilon=config.epsilon,
+                        epsilon_high=config.epsilon_high, importance_sampling_level=config.importance_sampling_level,
+                        loss_type=config.loss_type, max_completion_length=config.max_new_tokens, total_rows=rows,
+                        total_tokens=tokens,
+                    )
+                    loss = policy_loss + config.mask_loss_weight * (bce + dice)
+                    pass_tokens = float(r.loss_mask[p.rows].sum())
+                    sums["policy_loss"] += policy_loss.item()
+                    kl, clipped = kl + stats.kl * pass_tokens, clipped + stats.clip_fraction * pass_tokens
+                sums.update(loss=sums["loss"] + loss.item(), bce=sums["bce"] + bce.item(), dice=sums["dice"] + dice.item())
+                if world.any(not torch.isfinite(loss)):
+                    if run.sharded:
+                        run.model.reset_iter_state()  # FSDP2: a forward without its backward
+                    return None
+                loss.backward()  # DDP (all-reduce) or FSDP2 (reduce-scatter) averages gradients at the last pass
+        grad_norm = clip_grad_norm(optimizer, config.grad_clip or float("inf"))
+        optimizer.step()
+        record.update(sums, grad_norm=float(grad_norm))
+        if stage.grpo:
+            local_tokens = max(1.0, float(r.loss_mask.sum()))
+            record.update(kl=kl / local_tokens, clip_fraction=clipped / local_tokens)
+            if iteration == 0:
+                record.update(rollout_record(r.scores, stage.group, r.completions))
+    return record
+
+
+def step_record(run: Run, stage: Stage, step: int, scheduler: torch.optim.lr_scheduler.LRScheduler, r: Rollout,
+                record: dict, elapsed: float) -> dict:
+    """The logged line of step ``step`` (before averaging over processes); ``lr``: the next step's."""
+    tokens = int(r.completions.mask.sum()) + r.prompts.attention_mask.sum().item() * stage.group
+    rows = len(r.completions.ids)
+    device = run.device
+    return {"step": step, "stage": stage.name, **r.times, **record, "lr": scheduler.get_last_lr()[0],
+            "step_time": elapsed, "samples_per_s": run.world.size * rows / elapsed,
+            "tokens_per_s": run.world.size * tokens / elapsed,
+            "peak_memory_gb": (torch.cuda.max_memory_allocated() / 2**30) if device.type == "cuda" else None}
+
+
+# ---- validation, checkpoints, the summary ------------------------------------------------------------------------
+def evaluate(run: Run, state: TrainerState, after: str, val_set, val_full, log: Optional[MetricsLog]) -> None:
+    """Held-out validation of the model as it is ``after`` a point of the run, recorded in ``state.val``."""
+    config, world = run.config, run.world
+    with gathered(run.model):  # FSDP2: every process all-gathers the parameters, process 0 validates
+        if world.is_main:
+            with run.autocast():
+                entry = {"after": after, "step": state.step,
+                         **validate(run.model, val_set, size=config.val_size, batch_size=config.val_batch_size)}
+                if val_full is not None:
+                    entry["full"] = validate(run.model, val_full, size=config.val_size, batch_size=config.val_batch_size)
+            state.val.append(entry)
+            print(f"val after {after}: " + ", ".join(f"{k} {v:.3f}" for k, v in entry.items() if isinstance(v, float)), flush=True)
+            log_validation(log, entry)
+        world.barrier()
+
+
+def log_validation(log: MetricsLog, entry: dict) -> None:
+    log.write({"step": entry["step"], "stage": "val", **{f"val/{k}": v for k, v in entry.items() if isinstance(v, float)}})
+
+
+def save(run: Run, state: TrainerState, name: str, wall_time: float) -> None:
+    """Checkpoint ``name`` of the trainer state (collective). FSDP2: every process writes its shards;
+    ``stage1`` and ``final`` also as full ``save_pretrained`` files."""
+    saved = state.saved(wall_time)
+    keep = run.config.keep_checkpoints
+    if run.sharded:
+        save_sharded_checkpoint(run.checkpoints, name, run.model, state.optimizer, saved, run.world,
+                                full_model=name in ("stage1", "final"), keep=keep)
+        return
+    if run.world.is_main:
+        save_checkpoint(run.checkpoints, name, run.model, {**saved, "optimizer": state.optimizer.state_dict()}, keep=keep)
+    run.world.barrier()
+
+
+def write_summary(output_dir: Path, state: TrainerState, has_full: bool, wall_time: float, processes: int,
+                  log: MetricsLog) -> None:
+    """summary.json, curves.png and the printed table of the held-out figures."""
+    summary = {"val": [{k: v for k, v in e.items() if k != "full"} for e in state.val], "wall_time_s": wall_time,
+               "steps": state.step, "processes": processes}
+    if has_full:
+        summary["val_full"] = [{"after": e["after"], **e["full"]} for e in state.val]
+    records = log.records()
+    summary["stage2_box_reward"] = box_reward_rise(records)
+    (output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    plot_curves(records, summary["val"], output_dir / "curves.png")
+    log.close()
+    print(summary_table(summary))
+    print(f"wrote {output_dir}/summary.json, metrics.jsonl, curves.png, checkpoints/final")
 
 
 def reference_logprobs(reference: LensModel, prompts: PromptBatch, cache: ImageCache, completions: Completions,

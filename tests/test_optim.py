@@ -381,7 +381,7 @@ def test_offloaded_step_in_backward_run_resumes_exactly(tmp_path, monkeypatch):
     monkeypatch.setattr(train.Batches, "next", next_then_stop)
     assert train.main(["--output-dir", str(broken), *args]) == 0
     monkeypatch.setattr(train.Batches, "next", real_next)
-    state = torch.load(broken / "checkpoints" / "latest_step" / "trainer_state.pt", weights_only=False)
+    state = torch.load(broken / "checkpoints" / "step_00000005" / "trainer_state.pt", weights_only=False)
     assert state["step"] == 5 and len(state["optimizer"]["masters"]) > 0
     assert train.main(["--output-dir", str(broken), *args, "--resume", "true"]) == 0
     a, b, c = records(whole), records(broken), records(plain)

@@ -13,6 +13,7 @@ import torch
 from lens_fast import train
 from lens_fast.training import config as train_config
 from lens_fast.training.batches import MicroBatch, micro_batches
+from lens_fast.training.checkpoint import latest_checkpoint
 
 FAST = ["--val-size", "8", "--val-batch-size", "8", "--log-every", "1", "--progress", "false",
         "--stage1-batch-size", "8", "--batch-size", "2", "--num-generations", "4", "--max-new-tokens", "24"]
@@ -119,8 +120,9 @@ def test_short_run_learns_in_the_right_direction(tmp_path):
 def _wait_for_checkpoint(root: Path, step: int, process: subprocess.Popen, timeout: float = 240) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
-        state = root / "checkpoints" / "latest_step" / "trainer_state.pt"
-        if state.is_file():
+        latest = latest_checkpoint(root / "checkpoints")
+        state = latest / "trainer_state.pt" if latest is not None else None
+        if state is not None:
             try:
                 if torch.load(state, weights_only=False)["step"] >= step:
                     return

@@ -1,6 +1,8 @@
-"""Training checkpoints: model, optimiser, scheduler, RNG states, step and data position, written
-atomically (temporary directory + rename) under ``<output_dir>/checkpoints/``; ``latest`` points at
-the newest complete one.
+"""Training checkpoints: model, optimiser, scheduler, RNG states, step, stage and data position, written
+atomically under ``<output_dir>/checkpoints/``: each is written in a staging directory, renamed to its own
+name (``step_<step>``, ``stage1``, ``final``), and only then named by the pointer file ``latest``, replaced in
+one atomic rename: at every moment ``latest`` names a complete checkpoint. The last ``keep`` periodic
+(``step_*``) checkpoints are kept; ``stage1`` (the KL reference) and ``final`` always.
 
 Two formats: a full checkpoint (process 0 writes ``save_pretrained`` files + the optimiser's state
 dict in ``trainer_state.pt``; DDP and single-process runs) and a sharded one (FSDP2 runs: every
@@ -33,9 +35,16 @@ from lens_fast.training.optim import LeanAdamW
 STATE_FILE = "trainer_state.pt"
 SHARDS_DIR = "shards"
 VERSION = 1
-COMPATIBLE_KEYS_IGNORED = ("output_dir", "resume", "progress", "log_every", "checkpoint_every", "device", "max_bad_steps",
-                           "threads", "micro_batch", "kv_cache")
-"""Config keys that may change between a run and its resumption (they change where and how, not what, is computed)."""
+COMPATIBLE_KEYS_IGNORED = ("output_dir", "resume", "progress", "log_every", "checkpoint_every", "keep_checkpoints", "device",
+                           "max_bad_steps", "threads", "micro_batch", "kv_cache", "val_size", "val_batch_size")
+"""Config keys that may change between a run and its resumption (they change where, how or how much is
+logged and validated, not what is trained); so may every ``plan_*`` key (``--plan`` only)."""
+PERIODIC_PREFIX = "step_"
+
+
+def periodic_name(step: int) -> str:
+    """The name of the periodic checkpoint written after ``step`` steps."""
+    return f"{PERIODIC_PREFIX}{step:08d}"
 
 
 def rng_state() -> dict:
@@ -55,17 +64,18 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(root: Path, name: str, model: LensModel, trainer_state: dict) -> Path:
-    """Write ``root/name`` atomically (a crash leaves the previous checkpoint intact) and point
-    ``root/latest`` at it. ``trainer_state``: picklable (optimiser/scheduler state dicts, step...)."""
+def save_checkpoint(root: Path, name: str, model: LensModel, trainer_state: dict, keep: int = 0) -> Path:
+    """Write ``root/name`` atomically (a crash leaves the previous checkpoint intact), point ``root/latest``
+    at it and keep the last ``keep`` periodic checkpoints (0: all). ``trainer_state``: picklable
+    (optimiser/scheduler state dicts, step...)."""
     staging = _staging(root, name)
     model.save_pretrained(staging)
     torch.save({"version": VERSION, **trainer_state, "rng": rng_state()}, staging / STATE_FILE)
-    return _publish(staging, root, name)
+    return _publish(staging, root, name, keep)
 
 
 def save_sharded_checkpoint(root: Path, name: str, model: LensModel, optimizer: torch.optim.Optimizer,
-                            trainer_state: dict, world: World, *, full_model: bool = False) -> None:
+                            trainer_state: dict, world: World, *, full_model: bool = False, keep: int = 0) -> None:
     """Collective (every process calls it): write ``root/name`` with each process's shard of the
     FSDP2-sharded ``model``'s and ``optimizer``'s states (``torch.distributed.checkpoint``), process 0's
     ``trainer_state`` (picklable, without the optimiser) and RNG states, and with ``full_model`` also
@@ -83,7 +93,7 @@ def save_sharded_checkpoint(root: Path, name: str, model: LensModel, optimizer: 
             copy.save_pretrained(staging)
     if world.is_main:
         torch.save({"version": VERSION, **trainer_state, "rng": rng_state()}, staging / STATE_FILE)
-        _publish(staging, root, name)
+        _publish(staging, root, name, keep)
     world.barrier()
 
 
@@ -149,21 +159,30 @@ def _staging(root: Path, name: str) -> Path:
     return staging
 
 
-def _publish(staging: Path, root: Path, name: str) -> Path:
-    """Rename the complete ``staging`` directory to ``root/name`` and point ``root/latest`` at it."""
+def _publish(staging: Path, root: Path, name: str, keep: int) -> Path:
+    """Rename the complete ``staging`` directory to ``root/name``, then atomically replace the pointer
+    ``root/latest`` with its name; then drop all but the last ``keep`` periodic checkpoints (0: none
+    dropped; never the one ``latest`` names). A ``root/name`` already there is one no pointer names (a
+    run resumed from an earlier checkpoint writes it again): it is replaced first."""
     final = root / name
-    old = root / f".{name}.old"
     if final.exists():
-        final.rename(old)
+        if latest_checkpoint(root) == final:
+            raise ValueError(f"checkpoint {final} is the latest one; it is not overwritten")
+        shutil.rmtree(final)
     staging.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
     pointer = root / ".latest.tmp"
     pointer.write_text(name + "\n")
     os.replace(pointer, root / "latest")
+    if keep > 0:
+        periodic = sorted(p for p in root.glob(f"{PERIODIC_PREFIX}*") if p.is_dir())
+        for old in periodic[:-keep]:
+            if old != final:
+                shutil.rmtree(old, ignore_errors=True)
     return final
 
 
 def latest_checkpoint(root: Path) -> Optional[Path]:
+    """The checkpoint ``root/latest`` names (None: no complete checkpoint yet)."""
     pointer = root / "latest"
     if not pointer.is_file():
         return None
@@ -181,7 +200,7 @@ def load_trainer_state(path: Path, config: dict) -> dict[str, Any]:
     differences = [
         f"{key}: checkpoint {saved.get(key)!r}, now {config.get(key)!r}"
         for key in sorted(set(saved) | set(config))
-        if key not in COMPATIBLE_KEYS_IGNORED and json.dumps(saved.get(key), default=str) != json.dumps(config.get(key), default=str)
+        if key not in COMPATIBLE_KEYS_IGNORED and not key.startswith("plan_") and json.dumps(saved.get(key), default=str) != json.dumps(config.get(key), default=str)
     ]
     if differences:
         raise ValueError(f"{path} was written by a different config: " + "; ".join(differences))

@@ -1,18 +1,28 @@
 """The training config: a dataclass of defaults (the embedded tiny run), a YAML file (``--config``) and
-``--key value`` overrides; every value is checked before any model is built."""
+``--key value`` overrides; every value is checked before any model is built.
+
+Each field's metadata holds its ``--help`` text, its allowed values (``choices``: the tuples the code
+itself checks against, such as ``MODES`` or ``SHARDINGS``; ``range``: a :class:`Range`) and nothing
+else: ``--help``, argparse's choices and :meth:`TrainConfig.__post_init__`'s checks all read them.
+The parser is our own, not ``transformers.HfArgumentParser``: that one reads ``--resume true`` and
+``Literal`` choices, but splits a tuple option into characters, rejects ``null`` for an optional
+float, and reads a YAML file or the command line, not a file overridden by options (measured, 5.25).
+"""
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import yaml
 
 from lens_fast.data.synthetic import KINDS
+from lens_fast.model.build import CONFIG_FILE, SAM_TYPES, read_config
 from lens_fast.model.config import MODES
 from lens_fast.model.lens import PARTS
 from lens_fast.model.policy import KV_CACHES
@@ -24,15 +34,43 @@ from lens_fast.training.rollout_rewards import REWARDS
 
 PLAN_WEIGHTS = ("master", "kahan", "sr")
 PLAN_ATTENTION = ("sdpa", "flash", "eager")
+PRECISIONS = ("auto", "fp32", "bf16-mixed", "bf16")
+DATA = ("synthetic", "refcoco")
+DATASETS = ("refcoco", "refcoco+", "refcocog")
+LR_SCHEDULES = ("cosine", "constant")
+log = logging.getLogger("lens_fast.training")
 
 
-def _option(default: Any, text: str) -> Any:
-    """A field whose ``--help`` line says ``text``."""
-    return field(default=default, metadata={"help": text})
+@dataclass(frozen=True)
+class Range:
+    """Allowed numbers: ``low`` <= value (``low`` < value when ``open_low``) <= ``high`` (None: unbounded)."""
+
+    low: float
+    high: Optional[float] = None
+    open_low: bool = False
+
+    def __contains__(self, value: float) -> bool:
+        above = value > self.low if self.open_low else value >= self.low
+        return bool(above and (self.high is None or value <= self.high))  # NaN is outside every range
+
+    def __str__(self) -> str:
+        if self.high is None:
+            return f"{'>' if self.open_low else '>='} {self.low:g}"
+        return f"in {'(' if self.open_low else '['}{self.low:g}, {self.high:g}]"
 
 
-def _plan(default: Any, text: str) -> Any:
-    return _option(default, f"--plan only: {text}")
+AT_LEAST_0, AT_LEAST_1, ABOVE_0 = Range(0), Range(1), Range(0, open_low=True)
+
+
+def _option(default: Any, text: str, *, choices: Optional[tuple] = None, bounds: Optional[Range] = None) -> Any:
+    """A field whose ``--help`` line says ``text``; ``choices``: its allowed values (for a tuple field, of each
+    element); ``range``: its allowed numbers. Both are checked in ``__post_init__`` and listed by ``--help``."""
+    metadata = {"help": text, **({"choices": choices} if choices else {}), **({"range": bounds} if bounds else {})}
+    return field(default=default, metadata=metadata)
+
+
+def _plan(default: Any, text: str, **allowed: Any) -> Any:
+    return _option(default, f"--plan only: {text}", **allowed)
 
 
 @dataclass
@@ -41,29 +79,41 @@ class TrainConfig:
     ``configs/lens_qwen2.5vl_3b.yaml`` holds LENS's real recipe."""
 
     # run
-    output_dir: str = ""  # default runs/<timestamp>
-    resume: bool = False  # continue from <output_dir>/checkpoints/latest
-    seed: int = 0
-    device: str = "auto"  # auto: cuda when available, else cpu
+    output_dir: str = _option("", "run directory: metrics.jsonl, summary.json, checkpoints/ (empty: runs/<timestamp>)")
+    resume: bool = _option(False, "continue from <output_dir>/checkpoints/latest")
+    seed: int = _option(0, "seed of the initial weights, the data order and the sampling", bounds=AT_LEAST_0)
+    device: str = _option("auto", "auto (cuda when available, else cpu) | cpu | cuda | cuda:N")
     threads: int = 1  # torch CPU threads (the tiny model's small ops run fastest on one)
-    sharding: str = "ddp"  # ddp (every process holds the model) | fsdp (FSDP2: parameters, gradients and AdamW states (or, offloaded, host masters + states) sharded across processes; sharded checkpoints)
-    precision: str = "auto"  # auto (bf16-mixed on CUDA, fp32 on CPU) | fp32 | bf16-mixed (fp32 weights and optimiser, bf16 autocast) | bf16 (bf16 weights: updates below half a bf16 ulp are lost)
-    log_every: int = 1  # steps between metrics.jsonl lines
-    checkpoint_every: int = 200  # steps; also at each stage's end and on SIGINT/SIGTERM
-    max_bad_steps: int = 5  # consecutive non-finite losses that stop the run
-    progress: bool = True
+    sharding: str = _option("ddp", "ddp: every process holds the model; fsdp: FSDP2 shards parameters, gradients and AdamW "
+                                   "states (or, offloaded, host masters + states) across processes, checkpoints sharded",
+                            choices=SHARDINGS)
+    precision: str = _option("auto", "auto: bf16-mixed on CUDA, fp32 on CPU; bf16-mixed: fp32 weights and optimiser, bf16 "
+                                     "autocast; bf16: bf16 weights (updates below half a bf16 ulp are lost)",
+                             choices=PRECISIONS)
+    log_every: int = _option(1, "steps between metrics.jsonl lines", bounds=AT_LEAST_1)
+    checkpoint_every: int = _option(200, "steps between checkpoints; also at each stage's end and on SIGINT/SIGTERM",
+                                    bounds=AT_LEAST_1)
+    keep_checkpoints: int = _option(2, "periodic checkpoints (checkpoints/step_*) kept, the newest; 0: all. "
+                                       "checkpoints/stage1 (the KL reference) and checkpoints/final are always kept")
+    max_bad_steps: int = _option(5, "consecutive non-finite losses that stop the run", bounds=AT_LEAST_1)
+    progress: bool = _option(True, "a progress bar on stderr")
     # model
-    model: str = "tiny"  # tiny | components | <path of a lens_fast checkpoint>
-    qwen_dir: str = ""  # model=components: a Qwen2.5-VL Hugging Face directory
-    sam_checkpoint: str = ""  # model=components: a segment_anything .pth
-    sam_type: str = "vit_l"
-    mode: str = "queries"  # queries (LENS) | prompts (Seg-Zero: frozen SAM prompted by the answer)
-    prompt_style: str = "grounding"  # grounding | cot
-    num_queries: int = 16
-    max_new_tokens: int = 40
-    kv_cache: str = "dynamic"  # sampling's KV cache: dynamic | static (preallocated; its decode step compiled with CUDA graphs on GPU)
-    gradient_checkpointing: bool = False
-    micro_batch: int = _option(0, "sequences (rows, completions) per forward/backward pass, 0: all of the process's rows at once")
+    model: str = _option("tiny", "tiny (built offline, random) | components (qwen_dir + sam_checkpoint) | the path of a "
+                                 "lens_fast checkpoint, whose mode, prompt_style, num_queries and max_new_tokens are used")
+    qwen_dir: str = _option("", "model components: a Qwen2.5-VL Hugging Face directory")
+    sam_checkpoint: str = _option("", "model components: a segment_anything SAM .pth")
+    sam_type: str = _option("vit_l", "model components: the SAM checkpoint's size", choices=SAM_TYPES)
+    mode: str = _option("queries", "queries: LENS (context queries prompt SAM); prompts: Seg-Zero (a frozen SAM prompted "
+                                   "by the answer's box and points)", choices=MODES)
+    prompt_style: str = _option("grounding", "the prompt: grounding (answer the box) | cot (think, then answer; the "
+                                             "reward adds a format term)", choices=PROMPT_STYLES)
+    num_queries: int = _option(16, "context queries (mode queries)", bounds=AT_LEAST_1)
+    max_new_tokens: int = _option(40, "longest sampled completion, in tokens", bounds=AT_LEAST_1)
+    kv_cache: str = _option("dynamic", "sampling's KV cache: dynamic | static (preallocated; its decode step compiled with "
+                                       "CUDA graphs on GPU)", choices=KV_CACHES)
+    gradient_checkpointing: bool = _option(False, "recompute the policy's decoder activations in backward")
+    micro_batch: int = _option(0, "sequences (rows, completions) per forward/backward pass, 0: all of the process's rows "
+                                  "at once", bounds=AT_LEAST_0)
     # data
     data: str = "synthetic"  # synthetic | refcoco
     synthetic_kinds: tuple = ("attribute",)
@@ -150,7 +200,7 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("stage1_steps", "stage2_steps", "val_size", "warmup_steps", "seed", "top_k",
+        for name in ("stage1_steps", "stage2_steps", "val_size", "warmup_steps", "seed", "top_k", "keep_checkpoints",
                      "plan_completion_tokens", "micro_batch"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
