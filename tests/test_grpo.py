@@ -1,10 +1,14 @@
-"""The GRPO objective against hand-computed cases."""
+"""The GRPO objective against hand-computed cases; advantages from 2 gloo processes equal one process's."""
+import itertools
 import math
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 from lens_fast.training import grpo
+from lens_fast.training.distributed import World
 
 
 def test_advantages_group_scale_matches_hand_computation():
@@ -35,8 +39,77 @@ def test_normalize_then_sum_normalises_each_component_first():
 
     total = norm(mask) + norm(box)
     per = grpo.advantages({"mask": mask, "box": box}, 2, aggregation="normalize_then_sum")
-    torch.testing.assert_close(per, total / (total.std() + 1e-4))
+    torch.testing.assert_close(per, (total - total.mean()) / (total.std() + 1e-4))  # TRL's definition
     assert per[3] > 0.5 and per[2] < -0.5  # the box's small spread still decides the second group
+
+
+def test_normalize_then_sum_subtracts_the_batch_mean_of_the_weighted_sum():
+    """TRL: (s - mean(s)) / (std(s) + 1e-4) over the batch; the group-centred sum's mean is 0 only up to
+    rounding, which the subtraction removes: the advantages sum to 0 to float precision."""
+    rewards = {"mask": torch.tensor([0.3, 0.7, 0.1, 0.9, 0.2, 0.25]), "box": torch.tensor([0.0, 0.01, 0.02, 0.0, 0.5, 0.1])}
+    adv = grpo.advantages(rewards, 3, aggregation="normalize_then_sum", weights={"box": 2.0})
+    grouped = {k: v.view(2, 3) for k, v in rewards.items()}
+    parts = {k: (g - g.mean(1, keepdim=True)) / (g.std(1, keepdim=True) + 1e-4) for k, g in grouped.items()}
+    total = (parts["mask"] + 2.0 * parts["box"]).reshape(-1)
+    torch.testing.assert_close(adv, (total - total.mean()) / (total.std() + 1e-4))
+    assert abs(float(adv.sum())) < 1e-5
+
+
+def test_advantages_reject_rows_that_are_not_whole_groups():
+    with pytest.raises(ValueError, match="group 3"):
+        grpo.advantages({"r": torch.zeros(4)}, 3)
+    with pytest.raises(ValueError, match="same number of rows"):
+        grpo.advantages({"a": torch.zeros(4), "b": torch.zeros(6)}, 2)
+    with pytest.raises(ValueError, match="group must be"):
+        grpo.advantages({"r": torch.zeros(4)}, 0)
+
+
+OPTIONS = list(itertools.product(grpo.SCALE_REWARDS, grpo.AGGREGATIONS))
+GROUP = 4
+SHARES = ((0, 2), (2, 5))  # groups [first, last) of each process: 2 and 3 (uneven, as gather_rows allows)
+
+
+def test_group_local_options():
+    local = {(scale, aggregation) for scale, aggregation in OPTIONS if grpo.group_local(scale, aggregation)}
+    assert local == {("group", "sum"), ("none", "sum"), ("none", "normalize_then_sum")}
+
+
+def _components() -> dict:
+    """Rewards of 5 groups of 4 whose spreads differ by group and by component."""
+    generator = torch.Generator().manual_seed(0)
+    scales = torch.tensor([0.1, 1.0, 0.3, 2.0, 0.05]).repeat_interleave(GROUP)
+    return {"mask": torch.rand(5 * GROUP, generator=generator) * scales,
+            "box": torch.rand(5 * GROUP, generator=generator) ** 3,
+            "format": (torch.rand(5 * GROUP, generator=generator) > 0.5).float()}
+
+
+def _advantages_rank(rank: int, store: str, out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        world = World(rank, 2, torch.device("cpu"))
+        rows = slice(SHARES[rank][0] * GROUP, SHARES[rank][1] * GROUP)
+        mine = {k: v[rows] for k, v in _components().items()}
+        result = {(scale, aggregation): grpo.advantages(mine, GROUP, scale=scale, aggregation=aggregation,
+                                                        weights={"box": 2.0}, world=world)
+                  for scale, aggregation in OPTIONS}
+        torch.save(result, f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_gloo_processes_give_one_process_advantages_for_every_option(tmp_path):
+    mp.start_processes(_advantages_rank, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2, start_method="spawn")
+    parts = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]
+    components = _components()
+    for scale, aggregation in OPTIONS:
+        one = grpo.advantages(components, GROUP, scale=scale, aggregation=aggregation, weights={"box": 2.0})
+        two = torch.cat([part[scale, aggregation] for part in parts])
+        assert torch.equal(two, one), (scale, aggregation)
+        per_process = torch.cat([grpo.advantages({k: v[first * GROUP:last * GROUP] for k, v in components.items()}, GROUP,
+                                                 scale=scale, aggregation=aggregation, weights={"box": 2.0})
+                                 for first, last in SHARES])
+        # what each process computed alone before: equal only where advantages are per group
+        assert torch.equal(per_process, one) == grpo.group_local(scale, aggregation), (scale, aggregation)
 
 
 def test_zero_variance_fraction():

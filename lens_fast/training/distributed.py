@@ -1,9 +1,13 @@
 """Data parallelism with PyTorch's own engine: ``torchrun --nproc_per_node N -m lens_fast.train``.
 
 Each process takes its share of every batch's prompts (a batch of B prompts is split into N
-contiguous slices of B / N), rewards and advantages are computed per group (a group never spans
-processes), gradients are averaged over processes during backward, logged metrics are averaged, and
-process 0 validates. Two engines (``sharding``):
+contiguous slices of B / N; a group never spans processes), rewards are computed per process and
+advantages from every process's rewards (:meth:`World.gather_rows`: ``scale_rewards=batch`` and
+``normalize_then_sum`` use batch statistics, as TRL gathers them), gradients are averaged over
+processes during backward, logged metrics are averaged, and validation is sharded across processes
+(:meth:`World.gather_objects` collects its per-sample statistics). The process group's timeout (how
+long one process waits for the others in a collective) is ``init_world``'s ``timeout_minutes``.
+Two engines (``sharding``):
 
 - ``ddp``: every process holds the whole model (``DistributedDataParallel``); process 0 writes
   checkpoints.
@@ -19,7 +23,8 @@ from __future__ import annotations
 import os
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import ContextManager, Iterator, Optional
+from datetime import timedelta
+from typing import Any, ContextManager, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -71,10 +76,47 @@ class World:
         dist.all_reduce(value)
         return bool(value.item() > 0)
 
+    def gather_rows(self, rows: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """(every process's ``rows`` concatenated in rank order, the index of this process's first row in it).
 
-def init_world(device: str, sharding: str = "ddp") -> World:
+        ``rows``: [n, ...] of any dtype and device; n may differ between processes, the trailing shape and
+        the dtype may not. The result has ``rows``' dtype and device. Collective: every process calls it (the
+        transfer goes through the world's device: the GPU under NCCL). In a world of one: ``(rows, 0)``.
+        """
+        if not isinstance(rows, torch.Tensor) or rows.dim() < 1:
+            raise TypeError(f"rows must be a tensor of at least one dimension, got {type(rows).__name__}"
+                            + (f" of shape {tuple(rows.shape)}" if isinstance(rows, torch.Tensor) else ""))
+        if self.size == 1:
+            return rows, 0
+        local = rows.to(self.device)
+        counts = [torch.zeros(1, dtype=torch.int64, device=self.device) for _ in range(self.size)]
+        dist.all_gather(counts, torch.tensor([local.shape[0]], dtype=torch.int64, device=self.device))
+        sizes = [int(c.item()) for c in counts]
+        padded = local.new_zeros((max(sizes), *local.shape[1:]))
+        padded[: local.shape[0]] = local
+        parts = [torch.empty_like(padded) for _ in range(self.size)]
+        dist.all_gather(parts, padded)
+        whole = torch.cat([part[:n] for part, n in zip(parts, sizes)])
+        return whole.to(rows.device), sum(sizes[: self.rank])
+
+    def gather_objects(self, value: Any) -> list:
+        """Every process's picklable ``value``, in rank order (``torch.distributed.all_gather_object``: tensors
+        inside travel pickled; keep them on the CPU). Collective; ``[value]`` in a world of one."""
+        if self.size == 1:
+            return [value]
+        values: list = [None] * self.size
+        dist.all_gather_object(values, value)
+        return values
+
+
+def init_world(device: str, sharding: str = "ddp", timeout_minutes: float = 30.0) -> World:
     """Join the process group torchrun set up (WORLD_SIZE > 1: gloo on CPU, nccl on CUDA), or a world of
-    one (with ``sharding="fsdp"``, a process group of one: FSDP2 needs one)."""
+    one (with ``sharding="fsdp"``, a process group of one: FSDP2 needs one). ``timeout_minutes``: how long a
+    collective waits for the slowest process before the run fails (torch's defaults: 10 for NCCL, 30 for
+    gloo); it must cover the longest work one process does while the others wait (checkpoint writing)."""
+    if isinstance(timeout_minutes, bool) or not isinstance(timeout_minutes, (int, float)) or not timeout_minutes > 0:
+        raise ValueError(f"timeout_minutes must be a number > 0, got {timeout_minutes!r}")
+    timeout = timedelta(minutes=timeout_minutes)
     size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -85,9 +127,9 @@ def init_world(device: str, sharding: str = "ddp") -> World:
         torch.cuda.set_device(chosen)
     backend = "nccl" if chosen.type == "cuda" else "gloo"
     if size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend)
+        dist.init_process_group(backend, timeout=timeout)
     elif sharding == "fsdp" and not dist.is_initialized():
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
     return World(rank, size, chosen)
 
 
@@ -172,8 +214,8 @@ def gathered(model: nn.Module) -> Iterator[None]:
     go through its ``forward`` or whose number of unit calls differs between processes (generation
     stops when a process's completions have ended): inside, the units' hooks run no collective. Every
     process must enter it (the all-gathers are collective). On leaving, the parameters are sharded
-    again and FSDP2's per-iteration state is reset: the forward order it recorded inside (process 0
-    validating alone, generation lengths) must not steer the next backward's prefetches, which have
+    again and FSDP2's per-iteration state is reset: the forward order it recorded inside (validation
+    shards and generation lengths differ by process) must not steer the next backward's prefetches, which have
     to match on every process. Enter it between steps only. A model that is not sharded: nothing
     happens."""
     units = [module for module in model.modules() if isinstance(module, FSDPModule)]

@@ -10,6 +10,8 @@ from typing import Mapping
 
 import torch
 
+from lens_fast.training.distributed import World
+
 SCALE_REWARDS = ("group", "batch", "none")
 AGGREGATIONS = ("sum", "normalize_then_sum")
 LOSS_TYPES = ("grpo", "dapo", "dr_grpo")
@@ -27,28 +29,63 @@ def _normalise(rewards: torch.Tensor, scale: str) -> torch.Tensor:
     return centred
 
 
-def advantages(components: Mapping[str, torch.Tensor], group: int, *, scale: str = "group",
-               aggregation: str = "sum", weights: Mapping[str, float] | None = None) -> torch.Tensor:
-    """Advantages [N] from per-completion reward components (each float [N], N = B * G).
+def group_local(scale: str, aggregation: str) -> bool:
+    """True when a row's advantage depends on its own group's rewards only: ``scale="none"`` (nothing is
+    divided by a batch statistic) or ``scale="group"`` with ``aggregation="sum"``. Otherwise it needs the
+    whole batch's rewards (every process's): ``batch`` divides by the batch std, ``normalize_then_sum``
+    (scaled) normalises the summed components over the batch."""
+    return scale == "none" or (scale == "group" and aggregation == "sum")
 
-    ``aggregation="sum"``: the weighted sum of the components is normalised per group (LENS, GRPO);
-    ``"normalize_then_sum"``: each component is normalised on its own, then the weighted sum is
-    normalised once more by the batch std (TRL's ``multi_objective_aggregation``), so a component with
-    a small spread (box, format) is not drowned by one with a large spread (mask).
+
+def advantages(components: Mapping[str, torch.Tensor], group: int, *, scale: str = "group",
+               aggregation: str = "sum", weights: Mapping[str, float] | None = None,
+               world: World | None = None) -> torch.Tensor:
+    """Advantages float32 [n] from per-completion reward components (each [n], n = B * G: rows ``b * G``
+    to ``b * G + G - 1`` are prompt b's group), on the components' device.
+
+    ``aggregation="sum"``: the weighted sum of the components is centred on its group mean and scaled by
+    ``scale`` (LENS, GRPO; TRL's ``sum_then_normalize``).
+    ``"normalize_then_sum"``: each component is centred on its group mean and scaled by ``scale`` on its
+    own, then the weighted sum is centred on its batch mean and divided by its batch std (with
+    ``scale="none"`` the sum is left as it is), so a component with a small spread (box, format) is not
+    drowned by one with a large spread (mask). With ``scale="group"`` this is TRL's
+    ``multi_objective_aggregation="normalize_then_sum"`` (TRL ignores ``scale_rewards`` there, always
+    dividing each component by its group std); ``batch`` (each component divided by its batch std) and
+    ``none`` (components only centred: Dr. GRPO) are this project's.
     ``scale``: divide by the group std (``group``), the batch std (``batch``) or not at all (``none``,
-    Dr. GRPO). Std is the unbiased (``torch.std``) one, as TRL.
+    Dr. GRPO). Std is the unbiased (``torch.std``) one, as TRL's, plus ``STD_EPS``.
+
+    ``world``: under data parallelism each process passes its own rows (whole groups; the processes' rows
+    in rank order form the global batch, as ``World.share`` deals prompts). When the advantages need batch
+    statistics (not :func:`group_local`) every process's components are gathered and the global batch's
+    advantages computed as one process would; this process's rows are returned. Collective then: every
+    process calls it. Without ``world`` (or with a world of one) the rows given are the whole batch.
     """
     if scale not in SCALE_REWARDS:
         raise ValueError(f"scale_rewards must be one of {SCALE_REWARDS}, got {scale!r}")
     if aggregation not in AGGREGATIONS:
         raise ValueError(f"reward_aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
+    if isinstance(group, bool) or not isinstance(group, int) or group < 1:
+        raise ValueError(f"group must be an int >= 1, got {group!r}")
+    if not components:
+        raise ValueError("components must hold at least one reward component")
+    lengths = {k: v.numel() for k, v in components.items()}
+    if len(set(lengths.values())) != 1 or next(iter(lengths.values())) % group:
+        raise ValueError(f"components must all hold the same number of rows, a multiple of group {group} (whole "
+                         f"groups), got {lengths}")
+    if world is not None and world.size > 1 and not group_local(scale, aggregation):
+        names = list(components)  # insertion order: the sum below adds them in one order on every process
+        local = torch.stack([components[k].float().reshape(-1) for k in names], 1)
+        rows, first = world.gather_rows(local)
+        everything = advantages(dict(zip(names, rows.unbind(1))), group, scale=scale, aggregation=aggregation, weights=weights)
+        return everything[first : first + local.shape[0]]
     weights = weights or {}
-    grouped = {k: v.float().view(-1, group) for k, v in components.items()}
+    grouped = {k: v.float().reshape(-1, group) for k, v in components.items()}
     if aggregation == "sum":
         total = sum(weights.get(k, 1.0) * v for k, v in grouped.items())
         return _normalise(total, scale).reshape(-1)
-    total = sum(weights.get(k, 1.0) * _normalise(v, scale) for k, v in grouped.items())
-    return (total / (total.std() + STD_EPS)).reshape(-1) if scale != "none" else total.reshape(-1)
+    total = sum(weights.get(k, 1.0) * _normalise(v, scale) for k, v in grouped.items()).reshape(-1)
+    return (total - total.mean()) / (total.std() + STD_EPS) if scale != "none" else total
 
 
 def zero_variance_fraction(rewards: torch.Tensor, group: int) -> float:
