@@ -552,7 +552,7 @@ def log_validation(log: MetricsLog, entry: dict) -> None:
 def save(run: Run, state: TrainerState, name: str, wall_time: float) -> None:
     """Checkpoint ``name`` of the trainer state (collective). FSDP2: every process writes its shards;
     ``stage1`` and ``final`` also as full ``save_pretrained`` files."""
-    saved = state.saved(wall_time)
+    saved = {"config": dataclasses.asdict(run.config), **state.saved(wall_time)}
     keep = run.config.keep_checkpoints
     if run.sharded:
         save_sharded_checkpoint(run.checkpoints, name, run.model, state.optimizer, saved, run.world,

@@ -83,9 +83,9 @@ def test_two_gloo_processes_match_one_and_resume_in_one(tmp_path, single):
     assert json.loads((double / "summary.json").read_text())["processes"] == 2
     _compare(records(single), records(double))
 
-    process = subprocess.Popen(_torchrun(switched), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               start_new_session=True)
-    _wait_for_checkpoint(switched, 4, process)
+    process = subprocess.Popen(_torchrun(switched, "--checkpoint-every", "2"), env=_env(), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, start_new_session=True)
+    _wait_for_checkpoint(switched, 10, process)  # in stage 2: its optimizer, schedule and KL reference come back
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
     resumed = subprocess.run([*one, "--output-dir", str(switched), "--resume", "true"], env=_env(),
@@ -97,12 +97,12 @@ def test_two_gloo_processes_match_one_and_resume_in_one(tmp_path, single):
 
 @pytest.mark.slow
 def test_fsdp_matches_one_process_and_its_sharded_checkpoints_resume_at_another_process_count(tmp_path, single):
-    """FSDP2 over 2 gloo processes (micro-batches of 2 rows), killed after a checkpoint and resumed in 1 process; and a 1-process
-    FSDP2 run killed and resumed over 2: both give the uninterrupted 1-process (DDP path) run's losses,
+    """FSDP2 over 2 gloo processes (micro-batches of 2 rows), killed after a checkpoint in stage 2 and resumed in 1
+    process; and a 1-process FSDP2 run killed in stage 1 and resumed over 2: both give the uninterrupted 1-process (DDP path) run's losses,
     gradient norms and validation; the final checkpoint is a full save_pretrained directory."""
     two_then_one, one_then_two = tmp_path / "two_then_one", tmp_path / "one_then_two"
     fsdp = ("--sharding", "fsdp")
-    _kill_after_checkpoint(_torchrun(two_then_one, *fsdp, "--micro-batch", "2"), two_then_one, 4)
+    _kill_after_checkpoint(_torchrun(two_then_one, *fsdp, "--micro-batch", "2", "--checkpoint-every", "1"), two_then_one, 9)
     assert "(1 process(es))" in _resume(_one(two_then_one, *fsdp))
     _compare(records(single), records(two_then_one))
 
