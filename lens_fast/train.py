@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import os
 import signal
 import sys
@@ -24,6 +23,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 from tqdm import tqdm
+from transformers import get_constant_schedule_with_warmup, get_cosine_with_min_lr_schedule_with_warmup
 
 from lens_fast.data import SyntheticConfig, SyntheticRefDataset
 from lens_fast.model import (
@@ -103,19 +103,13 @@ def parameters_of(model: LensModel, parts: Sequence[str]) -> list[torch.nn.Param
 
 
 def build_optimizer(params, lr: float, steps: int, config: TrainConfig):
-    """(AdamW with the config's memory options, its LR schedule: linear warm-up, then cosine to 0.1 x or constant)."""
+    """(AdamW with the config's memory options, its LR schedule: transformers' linear warm-up from 0, then
+    cosine to 0.1 x ``lr`` over ``steps``, or constant)."""
     optimizer = build_adamw(params, lr, config.weight_decay, states=config.optimizer_states,
                             offload=config.optimizer_offload, step_in_backward=config.step_in_backward)
-
-    def factor(step: int) -> float:
-        if step < config.warmup_steps:
-            return (step + 1) / config.warmup_steps
-        if config.lr_schedule == "constant":
-            return 1.0
-        progress = (step - config.warmup_steps) / max(1, steps - config.warmup_steps)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    if config.lr_schedule == "constant":
+        return optimizer, get_constant_schedule_with_warmup(optimizer, config.warmup_steps)
+    return optimizer, get_cosine_with_min_lr_schedule_with_warmup(optimizer, config.warmup_steps, steps, min_lr_rate=0.1)
 
 
 @dataclass(frozen=True)

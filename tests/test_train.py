@@ -40,14 +40,19 @@ def test_help_lists_every_option_with_its_default(capsys):
     "argv, message",
     [
         (["--no-such-key", "1"], "unrecognized arguments: --no-such-key"),
-        (["--lr", "fast"], "lr: cannot read 'fast' as float"),
-        (["--loss-type", "ppo"], "loss_type must be one of"),
+        (["--lr", "fast"], "argument --lr: cannot read 'fast' as float"),
+        (["--loss-type", "ppo"], "argument --loss-type: invalid choice: 'ppo' (choose from 'grpo', 'dapo', 'dr_grpo')"),
+        (["--resume", "maybe"], "argument --resume: cannot read 'maybe' as bool"),
+        (["--top-p", "0"], "argument --top-p: must be in (0, 1], got 0.0"),
+        (["--epsilon-high", "-0.1"], "argument --epsilon-high: must be >= 0, got -0.1"),
         (["--num-generations", "1"], "num_generations must be >= 2"),
-        (["--stage1-train", "queries,brain"], "stage1_train must be distinct names"),
+        (["--stage1-train", "queries,brain"], "argument --stage1-train: 'queries,brain': want one or more distinct names, "
+                                              "comma-separated, from vision, llm, queries, connector, sam_encoder, sam_decoder"),
+        (["--stage2-train", "llm,llm"], "argument --stage2-train: 'llm,llm': want one or more distinct names"),
         (["--micro-batch", "3"], "micro_batch must be a multiple or a divisor of num_generations 8"),
         (["--sharding", "fsdp", "--step-in-backward", "true", "--optimizer-offload", "true"],
          "sharding 'fsdp' runs torch's AdamW (fp32 states) or the offloaded one"),
-        (["--kv-cache", "paged"], "kv_cache must be one of ('dynamic', 'static')"),
+        (["--kv-cache", "paged"], "argument --kv-cache: invalid choice: 'paged' (choose from 'dynamic', 'static')"),
     ],
 )
 def test_bad_options_fail_with_one_clear_line(argv, message, capsys):
@@ -215,3 +220,23 @@ def test_micro_batches_match_one_pass(tmp_path, micro_batch):
         for key in ("loss", "bce", "dice", "answer_nll", "policy_loss", "kl", "grad_norm", "reward/total/mean", "val/mask_iou"):
             if key in a:  # (fp32 sums in another order; Adam magnifies the last bits of tiny gradients)
                 assert b[key] == pytest.approx(a[key], rel=2e-3, abs=2e-4), (a["step"], key)
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "constant"])
+def test_lr_schedule_warms_up_from_zero_then_decays_to_a_tenth(schedule):
+    """transformers' schedules: linear warm-up from 0 over warmup_steps, then cosine to 0.1 x lr at the last step
+    (or constant)."""
+    config = train_config.TrainConfig(warmup_steps=4, lr_schedule=schedule)
+    optimizer, scheduler = train.build_optimizer([torch.nn.Parameter(torch.zeros(2))], 1.0, 24, config)
+    lrs = []
+    for _ in range(25):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert lrs[:5] == pytest.approx([0.0, 0.25, 0.5, 0.75, 1.0])
+    if schedule == "cosine":
+        assert lrs[14] == pytest.approx(0.1 + 0.9 * 0.5)
+        assert lrs[24] == pytest.approx(0.1)
+        assert all(a >= b for a, b in zip(lrs[4:], lrs[5:]))
+    else:
+        assert lrs[4:] == pytest.approx([1.0] * 21)
