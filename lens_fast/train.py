@@ -114,15 +114,19 @@ def build_optimizer(params, lr: float, steps: int, config: TrainConfig):
 
 @dataclass(frozen=True)
 class Stage:
-    """One stage of the run, as data. ``group``: completions per prompt (1: the teacher-forced answer)."""
+    """One stage of the run, as data. ``group``: completions per prompt (1: the teacher-forced answer).
+    Its loss: ``answer_weight`` x the answer's cross-entropy + ``mask_weight`` x (BCE + Dice) of the masks
+    (+ the GRPO policy loss in stage ``grpo``)."""
 
-    name: str  # align (teacher-forced answers, BCE + Dice + answer cross-entropy) | grpo (sampled answers)
+    name: str  # align (teacher-forced ground-truth answers) | grpo (sampled answers, rewarded)
     steps: int
     parts: tuple[str, ...]  # the trained parts of LensModel.parts()
     lr: float
     batch_size: int  # prompts per step, over every process
     group: int
     updates: int  # optimizer steps per rollout
+    answer_weight: float
+    mask_weight: float
 
     @property
     def grpo(self) -> bool:
@@ -130,9 +134,11 @@ class Stage:
 
 
 def stages_of(config: TrainConfig) -> dict[str, Stage]:
-    return {"align": Stage("align", config.stage1_steps, config.stage1_train, config.stage1_lr, config.stage1_batch_size, 1, 1),
+    return {"align": Stage("align", config.stage1_steps, config.stage1_train, config.stage1_lr, config.stage1_batch_size,
+                           group=1, updates=1, answer_weight=config.sft_weight, mask_weight=1.0),
             "grpo": Stage("grpo", config.stage2_steps, config.stage2_train, config.lr, config.batch_size,
-                          config.num_generations, config.num_iterations)}
+                          group=config.num_generations, updates=config.num_iterations, answer_weight=0.0,
+                          mask_weight=config.mask_loss_weight)}
 
 
 @dataclass
@@ -452,16 +458,14 @@ def score(run: Run, stage: Stage, r: Rollout) -> None:
 def update(run: Run, stage: Stage, r: Rollout, optimizer: torch.optim.Optimizer) -> Optional[dict]:
     """``stage.updates`` optimizer steps on the rollout, each over its passes (whose losses add up to the
     step's); the step's statistics, or None when a loss was not finite (no step taken)."""
-    config, world = run.config, run.world
-    rows = len(r.completions.ids)
+    world = run.world
     tokens = world.mean({"tokens": float(r.loss_mask.sum())})["tokens"] if stage.grpo else None  # (DDP averages)
     if stage.grpo:
         r.old_logp = torch.zeros(r.loss_mask.shape, device=run.device)
     record: dict = {}
     for iteration in range(stage.updates):
         optimizer.zero_grad(set_to_none=True)
-        sums = dict.fromkeys(("loss", "bce", "dice", "policy_loss" if stage.grpo else "answer_nll"), 0.0)
-        kl = clipped = 0.0
+        sums: dict[str, float] = {}
         for p in r.passes:
             with gradient_sync(run.forward, p.last):
                 if iteration == 0 and r.scored_pass is not None:
@@ -469,45 +473,59 @@ def update(run: Run, stage: Stage, r: Rollout, optimizer: torch.optim.Optimizer)
                 else:
                     with run.autocast():  # a frozen encoding serves every update; one with gradient, the first
                         logp, low_res = pass_forward(run, r, p, r.cache if iteration == 0 or not run.trains_encoders else None)
-                share = (p.rows.stop - p.rows.start) / rows
-                bce = dice = torch.zeros((), device=run.device)
-                if low_res.requires_grad:  # (a frozen SAM prompted by the answer has nothing to learn)
-                    _, bce, dice = run.model.segmenter.mask_loss(low_res.view(len(p.prompts), -1, *low_res.shape[1:]),
-                                                                 [r.gt_masks[i] for i in p.prompts])
-                    bce, dice = share * bce, share * dice
-                if not stage.grpo:
-                    nll = share * answer_nll(logp, r.completions.mask[p.rows])
-                    loss = config.sft_weight * nll + bce + dice
-                    sums["answer_nll"] += nll.item()
-                else:
-                    if iteration == 0:
-                        r.old_logp[p.rows] = logp.detach()
-                    policy_loss, stats = grpo.policy_loss(
-                        logp, r.old_logp[p.rows], r.scores["advantage"][p.rows].to(run.device), r.loss_mask[p.rows],
-                        ref_logp=None if r.ref_logp is None else r.ref_logp[p.rows], beta=config.beta, epsilon=config.epsilon,
-                        epsilon_high=config.epsilon_high, importance_sampling_level=config.importance_sampling_level,
-                        loss_type=config.loss_type, max_completion_length=config.max_new_tokens, total_rows=rows,
-                        total_tokens=tokens,
-                    )
-                    loss = policy_loss + config.mask_loss_weight * (bce + dice)
-                    pass_tokens = float(r.loss_mask[p.rows].sum())
-                    sums["policy_loss"] += policy_loss.item()
-                    kl, clipped = kl + stats.kl * pass_tokens, clipped + stats.clip_fraction * pass_tokens
-                sums.update(loss=sums["loss"] + loss.item(), bce=sums["bce"] + bce.item(), dice=sums["dice"] + dice.item())
+                if stage.grpo and iteration == 0:
+                    r.old_logp[p.rows] = logp.detach()  # the sampling policy's: the first update's ratio is 1
+                loss, parts = pass_loss(run, stage, r, p, logp, low_res, tokens)
+                for name, value in parts.items():
+                    sums[name] = sums.get(name, 0.0) + value
                 if world.any(not torch.isfinite(loss)):
                     if run.sharded:
                         run.model.reset_iter_state()  # FSDP2: a forward without its backward
                     return None
                 loss.backward()  # DDP (all-reduce) or FSDP2 (reduce-scatter) averages gradients at the last pass
-        grad_norm = clip_grad_norm(optimizer, config.grad_clip or float("inf"))
+        grad_norm = clip_grad_norm(optimizer, run.config.grad_clip or float("inf"))
         optimizer.step()
-        record.update(sums, grad_norm=float(grad_norm))
         if stage.grpo:
             local_tokens = max(1.0, float(r.loss_mask.sum()))
-            record.update(kl=kl / local_tokens, clip_fraction=clipped / local_tokens)
+            sums.update(kl=sums.pop("kl_tokens") / local_tokens, clip_fraction=sums.pop("clipped_tokens") / local_tokens)
             if iteration == 0:
                 record.update(rollout_record(r.scores, stage.group, r.completions))
+        record.update(sums, grad_norm=float(grad_norm))
     return record
+
+
+def pass_loss(run: Run, stage: Stage, r: Rollout, p: MicroBatch, logp: torch.Tensor, low_res: torch.Tensor,
+              tokens: Optional[float]) -> tuple[torch.Tensor, dict[str, float]]:
+    """Pass ``p``'s share of the step's loss (log-probs ``logp`` [n, L], mask logits ``low_res`` [n, 4e, 4e]),
+    and its parts as numbers (the KL and clipped fraction summed over the pass's tokens). ``tokens``: the
+    loss tokens per process (dapo's mean)."""
+    config = run.config
+    share = (p.rows.stop - p.rows.start) / len(r.completions.ids)
+    bce = dice = torch.zeros((), device=run.device)
+    if low_res.requires_grad:  # (a frozen SAM prompted by the answer has nothing to learn)
+        _, bce, dice = run.model.segmenter.mask_loss(low_res.view(len(p.prompts), -1, *low_res.shape[1:]),
+                                                     [r.gt_masks[i] for i in p.prompts])
+        bce, dice = share * bce, share * dice
+    loss = stage.mask_weight * (bce + dice)
+    parts = {"bce": bce.item(), "dice": dice.item()}
+    if stage.answer_weight:
+        nll = share * answer_nll(logp, r.completions.mask[p.rows])
+        loss = loss + stage.answer_weight * nll
+        parts["answer_nll"] = nll.item()
+    if stage.grpo:
+        policy_loss, stats = grpo.policy_loss(
+            logp, r.old_logp[p.rows], r.scores["advantage"][p.rows].to(run.device), r.loss_mask[p.rows],
+            ref_logp=None if r.ref_logp is None else r.ref_logp[p.rows], beta=config.beta, epsilon=config.epsilon,
+            epsilon_high=config.epsilon_high, importance_sampling_level=config.importance_sampling_level,
+            loss_type=config.loss_type, max_completion_length=config.max_new_tokens, total_rows=len(r.completions.ids),
+            total_tokens=tokens,
+        )
+        loss = loss + policy_loss
+        pass_tokens = float(r.loss_mask[p.rows].sum())
+        parts.update(policy_loss=policy_loss.item(), kl_tokens=stats.kl * pass_tokens,
+                     clipped_tokens=stats.clip_fraction * pass_tokens)
+    parts["loss"] = loss.item()
+    return loss, parts
 
 
 def step_record(run: Run, stage: Stage, step: int, scheduler: torch.optim.lr_scheduler.LRScheduler, r: Rollout,
