@@ -181,10 +181,10 @@ def test_cli_prints_the_plan(argv, capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--optimizer-states", "4bit"], "optimizer_states must be one of"),
-    (["--micro-batch", "-1"], "micro_batch must be >= 0"),
-    (["--plan-gpus", "0"], "plan_gpus must be >= 1"),
-    (["--plan-gpu-memory-gb", "0"], "plan_gpu_memory_gb must be > 0"),
+    (["--optimizer-states", "4bit"], "argument --optimizer-states: invalid choice: '4bit'"),
+    (["--micro-batch", "-1"], "argument --micro-batch: must be >= 0, got -1"),
+    (["--plan-gpus", "0"], "argument --plan-gpus: must be >= 1, got 0"),
+    (["--plan-gpu-memory-gb", "0"], "argument --plan-gpu-memory-gb: must be > 0, got 0.0"),
 ])
 def test_plan_options_are_checked(argv, message, capsys):
     with pytest.raises(SystemExit):
