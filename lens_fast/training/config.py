@@ -22,7 +22,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import yaml
 
 from lens_fast.data.synthetic import KINDS
-from lens_fast.model.build import CONFIG_FILE, SAM_TYPES, read_config
+from lens_fast.model.build import SAM_TYPES, read_config
 from lens_fast.model.config import MODES
 from lens_fast.model.lens import PARTS
 from lens_fast.model.policy import KV_CACHES
@@ -236,9 +236,9 @@ class TrainConfig:
         """One line per option set away from its default that does nothing in this configuration (or, for
         GSPO, nearly nothing); :func:`parse_args` logs them as warnings."""
         notes = []
-        defaults = TrainConfig.__dataclass_fields__
+        defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
         changed = [f"{name} {getattr(self, name)!r}" for name in ("epsilon", "epsilon_high", "importance_sampling_level")
-                   if getattr(self, name) != defaults[name].default]
+                   if getattr(self, name) != defaults[name]]
         if self.num_iterations == 1 and changed:
             notes.append(f"{', '.join(changed)}: inert at num_iterations 1, where the policy that sampled is the one "
                          "updated, so every importance ratio is 1 (nothing is clipped, and a sequence's ratio gives the "
@@ -246,9 +246,8 @@ class TrainConfig:
         widest = max(self.epsilon, self.epsilon if self.epsilon_high is None else self.epsilon_high)
         if self.importance_sampling_level == "sequence" and self.num_iterations > 1 and widest > SEQUENCE_EPSILON_LIMIT:
             notes.append(f"importance_sampling_level 'sequence' with epsilon {self.epsilon} / epsilon_high {widest}: a "
-                         "token-level clip range; a sequence's ratio (the geometric mean of its "
-                         "tokens') rarely leaves it, so little is clipped. GSPO clips sequence ratios at epsilon 3e-4, "
-                         "epsilon_high 4e-4 (TRL)")
+                         "token-level clip range; a sequence's ratio (the geometric mean of its tokens') rarely leaves "
+                         "it, so little is clipped. GSPO clips sequence ratios at epsilon 3e-4, epsilon_high 4e-4 (TRL)")
         return notes
 
     def check_world(self, world_size: int) -> None:
