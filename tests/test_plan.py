@@ -4,6 +4,7 @@ import dataclasses
 from pathlib import Path
 
 import pytest
+import torch
 
 from lens_fast import train
 from lens_fast.training import plan as memory
@@ -104,19 +105,22 @@ def test_hand_computed_items(real):
     assert "reference pass" not in no_ref.time
     assert base.phases["train"] - no_ref.phases["train"] == pytest.approx(2 * facts.policy)
 
-    offload = memory.estimate(facts, shape, config, memory.Options(offload=True))
+    sixteen = dataclasses.replace(config, threads=16)  # 16 host threads per process: 1e9 params/s of AdamW
+    offload = memory.estimate(facts, shape, sixteen, memory.Options(offload=True))
     assert item(offload, "AdamW states") == 0 and item(offload, "fp32 master") == 0
     assert offload.host_bytes == (4 + 4 + 8) * trainable  # the trainer's host masters, gradient buffer, fp32 states
     assert offload.time["optimizer (CPU offload)"] == pytest.approx(4 * trainable / 20e9 + trainable / 1e9)
 
     # FSDP2 + offload, as the trainer keeps it: on each GPU its shard of the bf16 weights and gradients, no
     # master or state; on the host each process's shard of masters, gradient buffer and (8-bit) states
-    sharded_offload = memory.estimate(facts, shape, config, memory.Options(gpus=4, offload=True, states="8bit"))
+    sharded_offload = memory.estimate(facts, shape, sixteen, memory.Options(gpus=4, offload=True, states="8bit"))
     assert item(sharded_offload, "weights, bf16") == pytest.approx(2 * (trainable / 4 + frozen))
     assert item(sharded_offload, "gradients, bf16") == pytest.approx(2 * trainable / 4)
     assert item(sharded_offload, "AdamW states") == 0 and item(sharded_offload, "fp32 master") == 0
     assert sharded_offload.host_bytes == pytest.approx((4 + 4 + 2 + 8 / 256) * trainable)
-    assert sharded_offload.time["optimizer (CPU offload)"] == pytest.approx(offload.time["optimizer (CPU offload)"] / 4)
+    # each process a quarter of the parameters, the 4 sharing the host's 50 GB/s at 28 B per update
+    assert sharded_offload.time["optimizer (CPU offload)"] == pytest.approx(4 * trainable / 4 / 20e9
+                                                                            + trainable / 4 / (50e9 / 28 / 4))
     assert memory.Options(gpus=4, offload=True, states="8bit").trainer_flags(16) == [
         "--gradient-checkpointing true", "--precision bf16", "--optimizer-offload true", "--optimizer-states 8bit",
         "--sharding fsdp"]
@@ -221,3 +225,26 @@ def test_plan_fields_have_help(capsys):
     assert "--plan-gpus" in text and "--plan only" in text
     assert "--optimizer-states" in text and "--micro-batch" in text and "--plan-states" not in text
     assert TrainConfig().plan_gpu_memory_gb == 24.0
+
+
+def test_the_plan_steps_the_offloaded_adamw_on_the_runs_threads(real, monkeypatch):
+    """The offloaded AdamW steps on the host: its estimated time follows the run's thread count (threads 0, the
+    3B recipe's: torch's own choice), up to the host memory bandwidth the processes of a node share."""
+    config, facts, shape = real
+    assert config.threads == 0 and TrainConfig().threads == 1
+    trainable = sum(n for part, n in facts.params.items() if part in config.stage2_train)
+
+    def host_step(threads: int, gpus: int = 1) -> float:
+        run = dataclasses.replace(config, threads=threads, optimizer_offload=True, plan_gpus=gpus)
+        return memory.estimate(facts, shape, run, memory.options_of(run)).time["optimizer (CPU offload)"]
+
+    pcie = 2 * 2 * trainable / memory.PCIE_BANDWIDTH
+    assert host_step(1) == pytest.approx(pcie + trainable / 6.25e7)
+    assert host_step(4) == pytest.approx(pcie + trainable / 2.5e8)
+    ceiling = memory.HOST_BANDWIDTH / memory.ADAM_HOST_BYTES  # 1.79 G params/s: 28 threads and more gain nothing
+    assert host_step(64) == pytest.approx(pcie + trainable / ceiling)
+    assert host_step(64, gpus=2) == pytest.approx(pcie / 2 + trainable / 2 / (ceiling / 2))  # two processes share it
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 8)
+    assert host_step(0) == host_step(8)
+    assert "8 threads per process (threads 0: torch's choice here" in memory.assumptions(config)
+    assert "1 thread per process (threads;" in memory.assumptions(dataclasses.replace(config, threads=1))

@@ -39,7 +39,8 @@ def architecture(name: str) -> dict:
     """A shipped architecture (``configs/architectures/<name>.json``): ``qwen2.5-vl-3b-instruct``,
     ``sam_vit_b``, ``sam_vit_l``, ``sam_vit_h``. Each file names its source."""
     try:
-        text = resources.files("lens_fast.configs").joinpath("architectures", f"{name}.json").read_text()
+        # one name per joinpath: lens_fast.configs is a namespace package, whose MultiplexedPath takes one (Python 3.11)
+        text = resources.files("lens_fast.configs").joinpath("architectures").joinpath(f"{name}.json").read_text()
     except FileNotFoundError:
         raise ValueError(f"no shipped architecture {name!r}") from None
     values = json.loads(text)

@@ -36,7 +36,8 @@ STATE_FILE = "trainer_state.pt"
 SHARDS_DIR = "shards"
 VERSION = 1
 COMPATIBLE_KEYS_IGNORED = ("output_dir", "resume", "progress", "log_every", "checkpoint_every", "keep_checkpoints", "device",
-                           "max_bad_steps", "threads", "micro_batch", "kv_cache", "val_size", "val_batch_size")
+                           "max_bad_steps", "threads", "dist_timeout_minutes", "micro_batch", "kv_cache", "val_size",
+                           "val_batch_size")
 """Config keys that may change between a run and its resumption (they change where, how or how much is
 logged and validated, not what is trained); so may every ``plan_*`` key (``--plan`` only)."""
 PERIODIC_PREFIX = "step_"

@@ -87,10 +87,16 @@ class TrainConfig:
     resume: bool = _option(False, "continue from <output_dir>/checkpoints/latest")
     seed: int = _option(0, "seed of the initial weights, the data order and the sampling", bounds=AT_LEAST_0)
     device: str = _option("auto", "auto (cuda when available, else cpu) | cpu | cuda | cuda:N")
-    threads: int = _option(1, "torch CPU threads (the tiny model's small ops run fastest on one)", bounds=AT_LEAST_1)
+    threads: int = _option(1, "torch CPU threads; 0: torch's own choice, left alone (OMP_NUM_THREADS when set, else the "
+                              "cores: the 3B recipe, whose offloaded AdamW steps on the host). The tiny default keeps 1, "
+                              "its measured best: its small ops ran fastest on one of 2 cores (bench/RESULTS.md)",
+                           bounds=AT_LEAST_0)
     sharding: str = _option("ddp", "ddp: every process holds the model; fsdp: FSDP2 shards parameters, gradients and AdamW "
                                    "states (or, offloaded, host masters + states) across processes, checkpoints sharded",
                             choices=SHARDINGS)
+    dist_timeout_minutes: float = _option(30.0, "minutes a process waits for the others in a collective before the run "
+                                                "fails (torchrun; torch's default is 10 under NCCL): cover the longest "
+                                                "work one process does alone (writing a checkpoint)", bounds=ABOVE_0)
     precision: str = _option("auto", "auto: bf16-mixed on CUDA, fp32 on CPU; bf16-mixed: fp32 weights and optimiser, bf16 "
                                      "autocast; bf16: bf16 weights (updates below half a bf16 ulp are lost)",
                              choices=PRECISIONS)

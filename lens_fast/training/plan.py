@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Optional
 
+import torch
+
 from lens_fast.training.config import PLAN_WEIGHTS, TrainConfig
 
 GB = 1e9
@@ -46,7 +48,8 @@ GPU_TFLOPS = 60.0  # sustained bf16 matmul throughput in training (~40% of the 4
 GPU_BANDWIDTH = 0.9e12  # bytes/s, device memory
 PCIE_BANDWIDTH = 20e9  # bytes/s, host <-> device (the issue's ~20 GB/s)
 BUS_BANDWIDTH = 16e9  # bytes/s per GPU for NCCL collectives over PCIe (no NVLink)
-CPU_ADAM_RATE = 1e9  # parameters/s of a vectorised CPU AdamW (DeepSpeed CPUAdam-class, ~16 cores)
+CPU_ADAM_RATE_PER_THREAD = 6.25e7  # parameters/s per thread of a vectorised CPU AdamW (DeepSpeed CPUAdam-class: 1e9 on 16)
+ADAM_HOST_BYTES = 28  # bytes of host memory one fp32 AdamW update moves: reads weight, gradient, m, v; writes weight, m, v
 HOST_BANDWIDTH = 50e9  # bytes/s, host memory (fp32 gradient accumulation on the CPU)
 DECODE_STEP_FLOOR = 0.02  # s: one eager transformers decode step of a 36-layer model is launch-bound
 PASS_OVERHEAD = 0.05  # s: launches and synchronisation of one more forward/backward pass
@@ -94,6 +97,21 @@ class ModelFacts:
     @property
     def policy(self) -> int:
         return self.params["vision"] + self.params["llm"]
+
+
+def host_threads(config: TrainConfig) -> int:
+    """The torch CPU threads a training process of ``config`` runs with: ``threads``, or with 0 torch's own
+    choice (``torch.get_num_threads()`` here: OMP_NUM_THREADS when set, else the cores; torchrun sets
+    OMP_NUM_THREADS=1 for several processes per node unless it is set)."""
+    return config.threads or torch.get_num_threads()
+
+
+def cpu_adam_rate(threads: int, processes: int) -> float:
+    """Parameters per second of one process's host AdamW on ``threads`` threads while ``processes`` processes
+    of one node step at once: linear in the threads up to their share of the host's memory bandwidth."""
+    if threads < 1 or processes < 1:
+        raise ValueError(f"threads and processes must be >= 1, got {threads} and {processes}")
+    return min(threads * CPU_ADAM_RATE_PER_THREAD, HOST_BANDWIDTH / ADAM_HOST_BYTES / processes)
 
 
 @lru_cache(maxsize=1)
@@ -430,7 +448,8 @@ def estimate(facts: ModelFacts, shape: Shapes, config: TrainConfig, options: Opt
     if beta:
         time["reference pass"] = (fwd_text + fwd_vision) / (GPU_TFLOPS * 1e12)
     if o.offload:
-        time["optimizer (CPU offload)"] = 2 * 2 * trainable / n / PCIE_BANDWIDTH + trainable / n / CPU_ADAM_RATE
+        time["optimizer (CPU offload)"] = 2 * 2 * trainable / n / PCIE_BANDWIDTH \
+            + trainable / n / cpu_adam_rate(host_threads(config), n)
         if o.step_in_backward and passes > 1:  # every pass sends its gradients; the host adds them up in fp32
             time["gradients to host per pass"] = (passes - 1) * 2 * trainable / n / PCIE_BANDWIDTH \
                 + passes * 10 * trainable / n / HOST_BANDWIDTH
@@ -624,29 +643,36 @@ def format_plan(p: MemoryPlan, source: str = "") -> str:
     lines.append("Other GPU counts (the same ranking): " + "; ".join(
         f"{g}: " + (f"{best.options.describe()}, {best.options.micro_rows} rows/pass, {best.total / GB:.1f} GB, ~{best.step_time:.0f} s"
                     if best else "nothing fits") for g, best in p.by_gpus.items()))
-    lines += ["", "Assumptions: " + ASSUMPTIONS]
+    lines += ["", "Assumptions: " + assumptions(c)]
     return "\n".join(lines)
 
 
-ASSUMPTIONS = (
-    f"a typical {TYPICAL_IMAGE[1]}x{TYPICAL_IMAGE[0]} RefCOCO image (synthetic data: its largest square); the completion at max_new_tokens (rows are padded to the "
-    "longest completion; set --plan-completion-tokens for a typical length); the whole per-GPU group generated at once "
-    "(KV cache) and gradients freed after each step; the reference is a bf16 copy of the policy only (the trainer's "
-    "copy.deepcopy also copies SAM and the connector: +1.6 GB at the real sizes); the SAM encoder runs the images of one "
-    "pass at a time; FSDP2 shards the trainable modules and the policy is unsharded for the rollout (the trainer's "
-    "--sharding fsdp also shards the frozen SAM encoder, counted whole here: an upper bound); only combinations the "
-    "trainer runs are searched. Step times assume a 24 GB RTX 4090-class card: "
-    f"{GPU_TFLOPS:g} TFLOPS sustained bf16, {GPU_BANDWIDTH / 1e12:.1f} TB/s, PCIe {PCIE_BANDWIDTH / 1e9:g} GB/s, "
-    f"NCCL {BUS_BANDWIDTH / 1e9:g} GB/s per GPU, CPU AdamW {CPU_ADAM_RATE / 1e9:g} G params/s, a {DECODE_STEP_FLOOR * 1e3:g} ms "
-    "floor per decode step (eager transformers), FSDP communication not overlapped (an upper bound)."
-)
+def assumptions(config: TrainConfig) -> str:
+    """The plan's stated assumptions, the host AdamW's thread count (:func:`host_threads`) among them."""
+    threads = host_threads(config)
+    source = "threads" if config.threads else "threads 0: torch's choice here"
+    return (
+        f"a typical {TYPICAL_IMAGE[1]}x{TYPICAL_IMAGE[0]} RefCOCO image (synthetic data: its largest square); the completion at max_new_tokens (rows are padded to the "
+        "longest completion; set --plan-completion-tokens for a typical length); the whole per-GPU group generated at once "
+        "(KV cache) and gradients freed after each step; the reference is a bf16 copy of the policy only (the trainer's "
+        "copy.deepcopy also copies SAM and the connector: +1.6 GB at the real sizes); the SAM encoder runs the images of one "
+        "pass at a time; FSDP2 shards the trainable modules and the policy is unsharded for the rollout (the trainer's "
+        "--sharding fsdp also shards the frozen SAM encoder, counted whole here: an upper bound); only combinations the "
+        "trainer runs are searched. Step times assume a 24 GB RTX 4090-class card: "
+        f"{GPU_TFLOPS:g} TFLOPS sustained bf16, {GPU_BANDWIDTH / 1e12:.1f} TB/s, PCIe {PCIE_BANDWIDTH / 1e9:g} GB/s, "
+        f"NCCL {BUS_BANDWIDTH / 1e9:g} GB/s per GPU, CPU AdamW {CPU_ADAM_RATE_PER_THREAD / 1e6:g} M params/s per thread on "
+        f"{threads} thread{'s' if threads > 1 else ''} per process ({source}; "
+        f"at most host memory {HOST_BANDWIDTH / 1e9:g} GB/s / {ADAM_HOST_BYTES} B per update, shared by a node's processes: "
+        f"{cpu_adam_rate(threads, 1) / 1e9:.2f} G params/s for one), a {DECODE_STEP_FLOOR * 1e3:g} ms "
+        "floor per decode step (eager transformers), FSDP communication not overlapped (an upper bound)."
+    )
 
 
 def option_costs(p: MemoryPlan) -> list:
     c, f = p.config, p.facts
     tr = p.trainable
     rows = math.ceil(c.batch_size / c.plan_gpus) * c.num_generations
-    offload = 2 * 2 * tr / PCIE_BANDWIDTH + tr / CPU_ADAM_RATE
+    offload = 2 * 2 * tr / PCIE_BANDWIDTH + tr / cpu_adam_rate(host_threads(c), 1)
     return [
         f"beta = 0: no reference model ({2 * f.policy / GB:.1f} GB) and no reference pass (saves time); changes the "
         f"objective (no KL to the stage-1 model; TRL's default, LENS uses {c.beta})",
