@@ -4,6 +4,7 @@
     python -m lens_fast.eval --data synthetic --split val --predictions preds.json
     python -m lens_fast.eval --data synthetic --split val --checkpoint DIR --batch-size 16 --vis 8
     python -m lens_fast.eval --data refcoco --data-root ROOT --dataset refcoco --split val --predictions preds.json
+    python -m lens_fast.eval --data hf --data-root DIR_OR_NAME --dataset refcoco --split val --predictions preds.json
 
 A predictions file is a JSON list with one entry per sentence::
 
@@ -11,7 +12,8 @@ A predictions file is a JSON list with one entry per sentence::
      "bbox": [x1, y1, x2, y2],   # optional, pixels
      "text": "..."}              # optional, the model's answer, shown by --vis
 
-(synthetic data: sent_id = sample index). The run prints a table and writes ``metrics.json`` (cIoU and
+(synthetic data: sent_id = sample index; the lmms-lab and Seg-Zero forms of ``--data hf``: the sentence's
+position in the split, see ``lens_fast.data.hf``). The run prints a table and writes ``metrics.json`` (cIoU and
 gIoU as fractions in [0, 1], counts, box IoU and Acc@0.5 when any entry has a bbox) into --output-dir.
 
 Policy, reported in the table and in metrics.json:
@@ -22,7 +24,10 @@ Policy, reported in the table and in metrics.json:
 - sent_ids that are not sentences of the split ("unknown") are ignored, with a warning; sentences
   beyond --limit are ignored silently;
 - a missing or corrupt image: a warning, and its samples count as failed (IoU 0) whatever the
-  predictions say, so that a predictions file, a baseline and a model all score the same samples.
+  predictions say, so that a predictions file, a baseline and a model all score the same samples;
+- --data hf: a row whose annotation is unusable is an error naming the row (nothing is written), or
+  with --skip-bad-rows left out and counted ("bad_rows"); rows the form cannot represent (lmms-lab's
+  multi-part and crowd objects) are always left out and counted ("excluded"), never scored.
 """
 from __future__ import annotations
 
@@ -40,6 +45,7 @@ import torch
 from tqdm import tqdm
 
 from lens_fast import ops, rle
+from lens_fast.data.hf import BadRowError
 from lens_fast.data.sample import ImageLoadError, RefSample, mask_to_box
 from lens_fast.data.synthetic import DEFAULT_SIZES as SYNTHETIC_SIZES
 from lens_fast.data.synthetic import SyntheticRefDataset, predict_largest_object
@@ -148,7 +154,7 @@ def model_predictor(model, dataset, indices: Sequence[int], batch_size: int = 8)
             for index in indices[start + 1 : start + batch_size]:
                 try:
                     other = dataset[index]
-                except ImageLoadError:
+                except (ImageLoadError, BadRowError):
                     continue  # evaluate() reports it when it gets there
                 if other.sent_id not in made:
                     batch.append(other)
@@ -189,13 +195,15 @@ def evaluate(
     vis_dir: Optional[Path] = None,
     keep_predictions: bool = False,
     progress: bool = True,
+    skip_bad_rows: bool = False,
 ) -> EvalResult:
     """Score ``predict`` (sample with image -> predictions-file entry, or None if it has none) on
     ``dataset[i]`` for ``i`` in ``indices``, by the policy of this module. The first ``vis`` samples
-    with a readable image are drawn into ``vis_dir``."""
+    with a readable image are drawn into ``vis_dir``. A BadRowError propagates unless ``skip_bad_rows``
+    (then the sample is not scored and is counted in "bad_rows")."""
     metrics = ReferringMetrics(empty_union_iou)
     warnings: Dict[str, List[str]] = defaultdict(list)
-    counts = {"missing": 0, "invalid": 0, "image_errors": 0, "invalid_boxes": 0}
+    counts = {"missing": 0, "invalid": 0, "image_errors": 0, "invalid_boxes": 0, "bad_rows": 0}
     pred_boxes, gt_boxes, box_present = [], [], []
     any_box = False
     made: List[dict] = []
@@ -203,13 +211,20 @@ def evaluate(
     drawn = 0
     for index in tqdm(indices, desc="eval", unit="sample", disable=None if progress else True, leave=False):
         try:
-            sample = dataset[index]
-        except ImageLoadError as error:
-            sample = dataset.target(index)
-            counts["image_errors"] += 1
-            if str(error) not in failed_images:
-                failed_images.add(str(error))
-                warnings["image"].append(f"{error}: its samples count as failed (IoU 0)")
+            try:
+                sample = dataset[index]
+            except ImageLoadError as error:
+                sample = dataset.target(index)
+                counts["image_errors"] += 1
+                if str(error) not in failed_images:
+                    failed_images.add(str(error))
+                    warnings["image"].append(f"{error}: its samples count as failed (IoU 0)")
+        except BadRowError as error:
+            if not skip_bad_rows:
+                raise
+            counts["bad_rows"] += 1
+            warnings["bad_row"].append(f"{error}: left out (--skip-bad-rows)")
+            continue
         entry = predict(sample) if sample.image is not None else None
         if keep_predictions and entry is not None:
             made.append(entry)
@@ -268,7 +283,10 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Policy, " + __doc__.split("Policy, ", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--data", choices=("synthetic", "refcoco"), required=True, help="which data to score on")
+    parser.add_argument(
+        "--data", choices=("synthetic", "refcoco", "hf"), required=True,
+        help="which data to score on: synthetic, refcoco (the refer files) or hf (a Hugging Face form of RefCOCO/+/g)",
+    )
     parser.add_argument("--split", default="val", help="split: synthetic train/val/test; refcoco val/testA/testB...")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--predictions", type=Path, metavar="PATH", help="predictions JSON to score")
@@ -291,11 +309,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="per-sample IoU when prediction and GT are both empty: 1 (LISA, default) or 0 (Seg-Zero)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    refcoco = parser.add_argument_group("refcoco data")
-    refcoco.add_argument("--data-root", type=Path, metavar="ROOT", help="holds <dataset>/refs(<split_by>).p, instances.json")
+    refcoco = parser.add_argument_group("refcoco / hf data")
+    refcoco.add_argument(
+        "--data-root", type=Path, metavar="ROOT",
+        help="refcoco: holds <dataset>/refs(<split_by>).p, instances.json; hf: a save_to_disk or parquet directory, "
+        "or a hub name in the datasets cache (jxu124/refcoco, lmms-lab/RefCOCO, Seg-Zero's parquet)",
+    )
     refcoco.add_argument("--dataset", choices=("refcoco", "refcoco+", "refcocog"), default="refcoco")
     refcoco.add_argument("--split-by", help="refs file variant (default: unc for refcoco/refcoco+, umd for refcocog)")
-    refcoco.add_argument("--image-root", type=Path, help="COCO train2014 images (default: ROOT/images/mscoco/images/train2014)")
+    refcoco.add_argument(
+        "--image-root", type=Path,
+        help="COCO train2014 images (refcoco default: ROOT/images/mscoco/images/train2014; hf: needed by the jxu124 form)",
+    )
+    refcoco.add_argument(
+        "--skip-bad-rows", action="store_true",
+        help="hf: leave out and count rows whose annotation is unusable instead of stopping with an error naming the row",
+    )
     synthetic = parser.add_argument_group("synthetic data")
     synthetic.add_argument("--seed", type=int, default=0, help="dataset seed (default 0)")
     synthetic.add_argument(
@@ -305,8 +334,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    if args.data == "refcoco" and args.data_root is None:
-        parser.error("--data refcoco needs --data-root ROOT")
+    if args.data in ("refcoco", "hf") and args.data_root is None:
+        parser.error(f"--data {args.data} needs --data-root {'ROOT' if args.data == 'refcoco' else 'DIR_OR_NAME'}")
+    if args.skip_bad_rows and args.data != "hf":
+        parser.error("--skip-bad-rows applies to --data hf")
     if args.baseline == "largest" and args.data != "synthetic":
         parser.error(
             "--baseline largest segments saturated objects on a grey background (the synthetic data); "
@@ -325,10 +356,11 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
 def _build_dataset(args: argparse.Namespace):
     if args.data == "synthetic":
         return SyntheticRefDataset(args.split, size=args.size, seed=args.seed)
-    from lens_fast.data.refcoco import RefCocoDataset
+    from lens_fast.data.build import build_ref_dataset
 
-    return RefCocoDataset(
-        args.data_root, args.dataset, args.split, split_by=args.split_by, image_root=args.image_root, mode="eval"
+    return build_ref_dataset(
+        args.data, args.data_root, args.dataset, args.split, mode="eval", split_by=args.split_by,
+        image_root=args.image_root, skip_bad_rows=args.skip_bad_rows,
     )
 
 
@@ -336,6 +368,9 @@ def _describe_run(args: argparse.Namespace, dataset) -> Dict[str, object]:
     run: Dict[str, object] = {"data": args.data, "split": args.split}
     if args.data == "refcoco":
         run.update(dataset=args.dataset, split_by=dataset.split_by, data_root=str(args.data_root))
+    elif args.data == "hf":
+        run.update(dataset=args.dataset, form=dataset.form, source_split=dataset.source_split,
+                   data_root=str(args.data_root), excluded=dict(dataset.excluded))
     else:
         run.update(seed=args.seed, size=len(dataset))
     run.update(
@@ -347,6 +382,8 @@ def _describe_run(args: argparse.Namespace, dataset) -> Dict[str, object]:
 
 def _table(metrics: Mapping[str, object], run: Mapping[str, object], id_counts: Mapping[str, int]) -> str:
     name = f"{run['data']}" + (f" {run['dataset']} ({run['split_by']})" if run["data"] == "refcoco" else "")
+    if run["data"] == "hf":
+        name += f" {run['dataset']} ({run['form']} form)"
     if run.get("checkpoint"):
         source = f"checkpoint {run['checkpoint']}"
     elif run["predictions"]:
@@ -368,6 +405,10 @@ def _table(metrics: Mapping[str, object], run: Mapping[str, object], id_counts: 
             f"image errors {metrics['image_errors']})",
         ),
     ]
+    if metrics["bad_rows"]:
+        rows.append(("bad rows", f"{metrics['bad_rows']}  (left out, --skip-bad-rows)"))
+    if run.get("excluded"):
+        rows.append(("rows left out", ", ".join(f"{k} {v}" for k, v in run["excluded"].items()) + "  (not scored)"))
     if id_counts["unknown"]:
         rows.append(("unknown ids", f"{id_counts['unknown']}  (ignored)"))
     if id_counts["beyond_limit"]:
@@ -395,7 +436,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         dataset = _build_dataset(args)
         predictions = load_predictions(args.predictions) if args.predictions is not None else None
-    except (FileNotFoundError, ValueError) as error:
+    except (FileNotFoundError, ValueError, ImportError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 
@@ -405,7 +446,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: nothing to score: {args.data} {args.split} has {len(sent_ids)} samples, --limit {args.limit}", file=sys.stderr)
         return 2
     id_counts = {"unknown": 0, "beyond_limit": 0}
-    warnings: Dict[str, List[str]] = {}
+    warnings: Dict[str, List[str]] = {"data": list(getattr(dataset, "notes", []))}
     if predictions is not None:
         scored = set(sent_ids[:count])
         known = set(sent_ids)
@@ -443,16 +484,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         output_dir = args.write_predictions.parent
     else:
         output_dir = Path("eval-output") / f"{args.data}-{args.split}"
-    result = evaluate(
-        dataset,
-        predict,
-        range(count),
-        empty_union_iou=args.empty_union_iou,
-        vis=args.vis,
-        vis_dir=output_dir / "vis",
-        keep_predictions=args.write_predictions is not None,
-        progress=not args.no_progress,
-    )
+    try:
+        result = evaluate(
+            dataset,
+            predict,
+            range(count),
+            empty_union_iou=args.empty_union_iou,
+            vis=args.vis,
+            vis_dir=output_dir / "vis",
+            keep_predictions=args.write_predictions is not None,
+            progress=not args.no_progress,
+            skip_bad_rows=args.skip_bad_rows,
+        )
+    except BadRowError as error:
+        print(f"error: {error}; --skip-bad-rows leaves such rows out", file=sys.stderr)
+        return 2
     warnings.update(result.warnings)
     _print_warnings(warnings)
 

@@ -20,7 +20,7 @@ import json
 import pickle
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import Any, BinaryIO, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -93,18 +93,33 @@ def annotation_mask(segmentation: Any, height: int, width: int) -> np.ndarray:
     return mask.astype(bool)
 
 
-def read_image(path: Union[str, Path], height: Optional[int] = None, width: Optional[int] = None) -> np.ndarray:
-    """uint8 [H, W, 3] RGB pixels of ``path``; ImageLoadError if missing, unreadable or not H x W."""
+def read_image(
+    path: Union[str, Path, BinaryIO], height: Optional[int] = None, width: Optional[int] = None, name: Optional[str] = None
+) -> np.ndarray:
+    """uint8 [H, W, 3] RGB pixels of ``path`` (a file, or a file object of encoded bytes); ImageLoadError if
+    missing, unreadable or not H x W, naming the image as ``name`` (default: the path)."""
+    name = str(path) if name is None else name
     try:
         with Image.open(path) as image:
             pixels = np.asarray(image.convert("RGB"))
     except (OSError, ValueError, Image.DecompressionBombError) as error:
-        raise ImageLoadError(f"cannot read image {path}: {error}") from None
+        raise ImageLoadError(f"cannot read image {name}: {error}") from None
     if height is not None and width is not None and pixels.shape[:2] != (height, width):
         raise ImageLoadError(
-            f"image {path} is {pixels.shape[0]}x{pixels.shape[1]} (HxW); its annotation says {height}x{width}"
+            f"image {name} is {pixels.shape[0]}x{pixels.shape[1]} (HxW); its annotation says {height}x{width}"
         )
     return pixels
+
+
+def coco_box(bbox: Sequence[float]) -> np.ndarray:
+    """float32 [4] xyxy pixels of a COCO ``bbox`` [x, y, w, h]."""
+    x, y, w, h = (float(v) for v in bbox)
+    return np.array([x, y, x + w, y + h], dtype=np.float32)
+
+
+def sentence_text(sentence: Dict[str, Any]) -> str:
+    """The expression of a refer sentence dict: its tokenised ``sent`` (else ``raw``), stripped."""
+    return str(sentence.get("sent", sentence.get("raw", ""))).strip()
 
 
 def _cached(cache: "OrderedDict[Any, Any]", key: Any, size: int, make: Callable[[], Any]) -> Any:
@@ -209,12 +224,11 @@ class RefCocoDataset(torch.utils.data.Dataset):
         sentence = ref["sentences"][sent_index]
         info = self.images[ref["image_id"]]
         ann = self.annotations[ref["ann_id"]]
-        x, y, w, h = (float(v) for v in ann["bbox"])
         return RefSample(
             image=None,
-            expression=str(sentence.get("sent", sentence.get("raw", ""))).strip(),
+            expression=sentence_text(sentence),
             mask=self._mask(ref["ann_id"], int(info["height"]), int(info["width"])).copy(),
-            box=np.array([x, y, x + w, y + h], dtype=np.float32),
+            box=coco_box(ann["bbox"]),
             sent_id=int(sentence["sent_id"]),
             ref_id=int(ref["ref_id"]),
             image_id=int(ref["image_id"]),

@@ -1,0 +1,474 @@
+"""RefCOCO, RefCOCO+ and RefCOCOg in the Hugging Face ``datasets`` forms users have on disk.
+
+Three published forms, told apart by their columns (``detect_form``):
+
+- ``jxu124`` (``jxu124/refcoco``, ``jxu124/refcocoplus``, ``jxu124/refcocog``): one row per ref with the
+  refer fields (``ref_id``, ``image_id``, ``split``, ``sentences`` [{raw, sent, sent_id, tokens}]) plus
+  ``raw_anns`` (the COCO annotation as JSON: polygons or RLE, ``bbox`` xywh) and ``raw_image_info``
+  (JSON: file_name, height, width). No pixels: images come from a local COCO train2014 folder
+  (``image_root``). Every split, train included; the samples equal the ``refer`` reader's sample for
+  sample (sent_id, ref_id, image_id, mask, box, expression). Hub split names: ``validation`` holds
+  val and, for refcoco / refcoco+, ``test`` holds testA; the rows' ``split`` column is checked.
+- ``lmms`` (``lmms-lab/RefCOCO``, ``RefCOCOplus``, ``RefCOCOg``): evaluation rows with the image's
+  bytes, ``answer`` (the ref's expressions), ``bbox`` xywh and ``segmentation`` as ONE flat polygon.
+  An object the polygon cannot hold is excluded and counted, never scored with a wrong mask:
+  ``not_polygon`` (crowd / RLE objects, an empty polygon) and ``multipart`` (the polygon's extent differs
+  from the box by more than ``EXTENT_TOLERANCE`` px: a part of an object of several polygons).
+- ``segzero`` (Seg-Zero's evaluation parquet, e.g. ``Ricky06662/refcoco_testA``): one row per ref with
+  the image's bytes, ``text`` (one expression), ``mask`` (a 2-D bool array), ``img_height``,
+  ``img_width``, ``bbox`` (int xyxy pixels), ``image_id`` / ``ann_id`` as strings.
+
+Sources (``open_source``): a directory written by ``save_to_disk`` (read memory-mapped), a directory of
+parquet files (the hub's ``data/<split>-*.parquet`` or ``<split>/0000.parquet``; read one row group at
+a time), or a hub name ``datasets.load_dataset`` finds in its cache. Nothing is loaded whole: only
+the light columns that index the samples are read up front; images are decoded in ``__getitem__``
+(the trainer's data-loading thread).
+
+Sample ids: ``jxu124`` keeps refer's ids. ``lmms`` and ``segzero`` rows carry no sentence id, so a
+sample's ``sent_id`` is its position among the split's sentences (rows in order, a row's answers in
+order; counted before any exclusion) and ``ref_id`` its row.
+
+Bad rows (unparsable annotation JSON, a malformed polygon, an unreadable image, a mask of the wrong
+shape) raise :class:`BadRowError` or ``ImageLoadError`` naming the row. Annotations are checked up front
+where the columns are light (jxu124, lmms), so such a row stops the run before it starts; with
+``skip_bad_rows`` those rows are left out and counted in ``excluded["bad_row"]``, and in
+``mode="train"`` a row found bad later (its image, a Seg-Zero mask) is replaced by the next good one
+and recorded in ``bad_rows``.
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+import re
+import threading
+from bisect import bisect_right
+from collections import Counter, OrderedDict
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from PIL import Image
+
+from lens_fast.data.refcoco import MODES, _cached, annotation_mask, coco_box, read_image, sentence_text
+from lens_fast.data.sample import ImageLoadError, RefSample, mask_to_box
+
+FORM_COLUMNS: Dict[str, Tuple[str, ...]] = {
+    "jxu124": ("ref_id", "image_id", "sentences", "raw_anns", "raw_image_info"),
+    "lmms": ("image", "answer", "segmentation", "bbox"),
+    "segzero": ("image", "text", "mask"),
+}
+SPLIT_ALIASES: Dict[str, Tuple[str, ...]] = {"val": ("validation",), "testA": ("test",)}
+STANDARD_REFS: Dict[Tuple[str, str], int] = {  # refs per split of refer's unc (refcoco, refcoco+) / umd (refcocog)
+    ("refcoco", "train"): 42404, ("refcoco", "val"): 3811, ("refcoco", "testA"): 1975, ("refcoco", "testB"): 1810,
+    ("refcoco+", "train"): 42278, ("refcoco+", "val"): 3805, ("refcoco+", "testA"): 1975, ("refcoco+", "testB"): 1798,
+    ("refcocog", "train"): 42226, ("refcocog", "val"): 2573, ("refcocog", "test"): 5023,
+}
+EXTENT_TOLERANCE = 1.0  # px between an lmms polygon's extent and its COCO box
+DATA_EXTRA = "the Hugging Face forms need the 'data' extra: pip install -e \".[data]\" (datasets, pyarrow)"
+_ROW_GROUP_CACHE = 2
+_IMAGE_CACHE = 4
+_MASK_CACHE = 64
+
+
+class BadRowError(ValueError):
+    """A row whose annotation cannot give a sample (the message names the row and what is wrong)."""
+
+
+def _require(module: str) -> Any:
+    """Import ``module`` (datasets or pyarrow); ImportError naming the extra when it is missing."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as error:
+        raise ImportError(f"{DATA_EXTRA}; importing {module} failed: {error}") from None
+
+
+class ArrowRows:
+    """Random access to the rows of Arrow data without reading it whole: ``parts`` are pyarrow Tables
+    (memory-mapped by ``datasets``) or ``(ParquetFile, row_group)`` pairs, read one at a time."""
+
+    def __init__(self, parts: Sequence[Any], where: str) -> None:
+        self.parts = list(parts)
+        self.where = where
+        sizes = [self._size(p) for p in self.parts]
+        self.starts = np.cumsum([0] + sizes).tolist()
+        first = self.parts[0] if self.parts else None
+        self.column_names: List[str] = (
+            [] if first is None else list(first.column_names if not isinstance(first, tuple) else first[0].schema_arrow.names)
+        )
+        self._cache: "OrderedDict[int, Any]" = OrderedDict()
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _size(part: Any) -> int:
+        return part[0].metadata.row_group(part[1]).num_rows if isinstance(part, tuple) else part.num_rows
+
+    @staticmethod
+    def _read(part: Any, columns: Optional[List[str]] = None) -> Any:
+        if isinstance(part, tuple):
+            return part[0].read_row_group(part[1], columns=columns)
+        return part if columns is None else part.select(columns)
+
+    def __len__(self) -> int:
+        return self.starts[-1]
+
+    def columns(self, names: Sequence[str]) -> Dict[str, list]:
+        """Python lists of the columns ``names`` over every row (read part by part, those columns only)."""
+        out: Dict[str, list] = {n: [] for n in names}
+        for part in self.parts:
+            table = self._read(part, list(names))
+            for n in names:
+                out[n].extend(table.column(n).to_pylist())
+        return out
+
+    def row(self, index: int) -> Any:
+        """Row ``index`` as a one-row pyarrow Table."""
+        k = bisect_right(self.starts, index) - 1
+        with self._lock:
+            table = _cached(self._cache, k, _ROW_GROUP_CACHE, lambda: self._read(self.parts[k]))
+        return table.slice(index - self.starts[k], 1)
+
+
+def _parquet_split(path: Path) -> str:
+    """The split a parquet file holds by the hub's naming: ``<split>-00000-of-00001[-hash].parquet``, or
+    ``<split>/0000.parquet`` (the hub's parquet conversion)."""
+    stem = path.name[: -len(".parquet")]
+    return path.parent.name if stem.isdigit() else stem.split("-", 1)[0]
+
+
+def _dataset_table(dataset: Any) -> Any:
+    """The (memory-mapped) pyarrow Table behind a ``datasets.Dataset``, its indices applied."""
+    if getattr(dataset, "_indices", None) is not None:
+        dataset = dataset.flatten_indices()
+    return dataset.data.table
+
+
+def open_source(source: Union[str, Path]) -> Dict[str, ArrowRows]:
+    """The splits of ``source`` by name: a ``save_to_disk`` directory, a directory of parquet files or a
+    hub name in ``datasets``' cache (see module docstring). FileNotFoundError / ValueError with the reason."""
+    path = Path(source)
+    if path.is_dir():
+        if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
+            loaded = _require("datasets").load_from_disk(str(path))
+            if not hasattr(loaded, "keys"):  # one Dataset: a single split, named by its rows
+                return {"": ArrowRows([_dataset_table(loaded)], str(path))}
+            return {name: ArrowRows([_dataset_table(d)], f"{path} [{name}]") for name, d in loaded.items()}
+        pq = _require("pyarrow.parquet")
+        files = sorted(path.rglob("*.parquet"))
+        if not files:
+            raise FileNotFoundError(
+                f"{path} holds no parquet files and no save_to_disk dataset (dataset_dict.json / state.json)"
+            )
+        groups: Dict[str, list] = {}
+        for file in files:
+            groups.setdefault(_parquet_split(file), []).append(file)
+        splits = {}
+        for name, members in groups.items():
+            parts = []
+            for file in members:
+                handle = pq.ParquetFile(file)
+                parts += [(handle, g) for g in range(handle.metadata.num_row_groups)]
+            splits[name] = ArrowRows(parts, ", ".join(str(f) for f in members))
+        return splits
+    if path.exists() or path.suffix == ".parquet":
+        raise FileNotFoundError(f"{path} is not a directory of parquet files or a save_to_disk dataset")
+    datasets = _require("datasets")
+    try:
+        loaded = datasets.load_dataset(str(source))
+    except (FileNotFoundError, ValueError, ConnectionError, OSError) as error:
+        raise FileNotFoundError(
+            f"{source!r} is neither a local directory nor a dataset datasets.load_dataset can open: {error}"
+        ) from None
+    return {name: ArrowRows([_dataset_table(d)], f"{source} [{name}]") for name, d in loaded.items()}
+
+
+def detect_form(column_names: Sequence[str], where: str = "the data") -> str:
+    """Which form (``FORM_COLUMNS``) rows with ``column_names`` are in; ValueError listing what each needs."""
+    for form, needed in FORM_COLUMNS.items():
+        if set(needed) <= set(column_names):
+            return form
+    wanted = "; ".join(f"{form}: {', '.join(cols)}" for form, cols in FORM_COLUMNS.items())
+    raise ValueError(f"{where} has columns {sorted(column_names)}, none of the known forms ({wanted})")
+
+
+def _choose_split(splits: Dict[str, ArrowRows], split: str) -> Tuple[str, ArrowRows]:
+    """(name, rows) of the split that holds ``split``: its own name, then the hub's alias; else the only
+    split of a one-split source (the caller decides whether its form allows that), else ("", None)."""
+    for name in (split, *SPLIT_ALIASES.get(split, ())):
+        if name in splits:
+            return name, splits[name]
+    if len(splits) == 1:
+        return next(iter(splits.items()))
+    return "", None
+
+
+def _decode_image(value: Any, name: str) -> np.ndarray:
+    """uint8 [H, W, 3] pixels of a ``datasets`` Image cell ({bytes, path}); ImageLoadError naming ``name``."""
+    data = value.get("bytes") if isinstance(value, dict) else None
+    if not isinstance(data, (bytes, bytearray)) or not data:
+        raise ImageLoadError(f"cannot read image {name}: the row holds no image bytes")
+    return read_image(io.BytesIO(data), name=name)
+
+
+def _image_size(value: Any, name: str) -> Tuple[int, int]:
+    """(height, width) from an Image cell's header, without decoding the pixels; BadRowError if unreadable."""
+    data = value.get("bytes") if isinstance(value, dict) else None
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            width, height = image.size
+    except (OSError, ValueError, TypeError) as error:
+        raise BadRowError(f"{name}: its image header is unreadable ({error}), so its mask has no size") from None
+    return height, width
+
+
+def _polygon_problem(polygon: Any, bbox: Any) -> Optional[str]:
+    """Why an lmms row's (flat polygon, xywh bbox) cannot be scored, or None. 'bad: ...' for malformed data,
+    'not_polygon' / 'multipart' for objects one polygon cannot hold."""
+    if not isinstance(bbox, list) or len(bbox) != 4 or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in bbox):
+        return f"bad: bbox must be [x, y, w, h] finite numbers, got {str(bbox)[:60]}"
+    if not polygon:
+        return "not_polygon"
+    if not isinstance(polygon, list) or len(polygon) % 2 or len(polygon) < 6:
+        return f"bad: segmentation must be a flat polygon [x1, y1, x2, y2, ...] of >= 3 points, got {len(polygon or [])} numbers"
+    if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in polygon):
+        return "bad: segmentation has non-finite coordinates"
+    xs, ys = polygon[0::2], polygon[1::2]
+    x, y, w, h = bbox
+    extent = (min(xs), min(ys), max(xs), max(ys))
+    if max(abs(a - b) for a, b in zip(extent, (x, y, x + w, y + h))) > EXTENT_TOLERANCE:
+        return "multipart"
+    return None
+
+
+class HfRefDataset(torch.utils.data.Dataset):
+    """One split of refcoco / refcoco+ / refcocog in a Hugging Face form; ``dataset[i]`` is a RefSample.
+
+    ``source``: see :func:`open_source`. ``image_root``: the COCO train2014 folder (``jxu124`` only).
+    ``mode``: "eval" (one sample per sentence) or "train" (one per ref, a sentence drawn at random on each
+    access, torch's RNG; ``jxu124`` only, the other forms hold one or no train split). ``target(i)``: the
+    sample without its image. After construction: ``form``, ``source_split`` (the split read),
+    ``excluded`` (rows left out, by reason), ``notes`` (what a report should say), ``bad_rows``.
+    """
+
+    def __init__(
+        self,
+        source: Union[str, Path],
+        dataset: str = "refcoco",
+        split: str = "val",
+        image_root: Union[str, Path, None] = None,
+        mode: str = "eval",
+        skip_bad_rows: bool = False,
+    ) -> None:
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        self.source, self.dataset, self.split, self.mode = str(source), dataset, split, mode
+        self.skip_bad_rows = skip_bad_rows
+        splits = open_source(source)
+        self.source_split, rows = _choose_split(splits, split)
+        some = rows if rows is not None else next(iter(splits.values()))
+        self.form = detect_form(some.column_names, some.where)
+        if mode == "train" and self.form != "jxu124":
+            raise ValueError(f"{self.source} is in the {self.form} form, an evaluation set; train from the jxu124 "
+                             "form (or the refer files)")
+        if rows is None or (self.source_split not in ("", split, *SPLIT_ALIASES.get(split, ())) and self.form != "segzero"):
+            raise ValueError(f"{self.source} has no split {split!r} (nor {list(SPLIT_ALIASES.get(split, ()))}); its "
+                             f"splits are {sorted(splits)}")  # segzero: one repo per split, each named "test"
+        self.rows = rows
+        self.image_root = Path(image_root) if image_root is not None else None
+        if self.form == "jxu124" and (self.image_root is None or not self.image_root.is_dir()):
+            raise FileNotFoundError(f"the jxu124 form holds no pixels: image_root must be the COCO train2014 folder "
+                                    f"(COCO_train2014_<12-digit id>.jpg), got {image_root!r}")
+        self.excluded: Counter = Counter()
+        self.notes: List[str] = []
+        self.bad_rows: Dict[int, str] = {}
+        self._items: List[Tuple[int, int, int]] = []  # (row, sentence index or -1, sent_id)
+        self._texts: Dict[int, List[str]] = {}
+        getattr(self, f"_index_{self.form}")()
+        if not self._items:
+            raise ValueError(f"{self.rows.where}: no usable samples for split {split!r} (excluded: {dict(self.excluded)})")
+        expected = STANDARD_REFS.get((dataset, split))
+        rows = len({r for r, _, _ in self._items}) + sum(self.excluded.values())
+        if expected is not None and rows != expected:
+            self.notes.append(f"{self.source} {split!r} has {rows} refs; refer's standard {dataset} {split} has "
+                              f"{expected}: not the standard split, scores are not comparable to published ones")
+        if self.bad_rows:
+            row, reason = next(iter(self.bad_rows.items()))
+            self.notes.append(f"{len(self.bad_rows)} bad row(s) left out (skip_bad_rows), e.g. {self._name(row)}: {reason}")
+        self._image_cache: "OrderedDict[int, np.ndarray]" = OrderedDict()
+        self._mask_cache: "OrderedDict[int, np.ndarray]" = OrderedDict()
+
+    # --- indexing: light columns only -------------------------------------------------------------
+    def _name(self, row: int) -> str:
+        return f"row {row} of {self.rows.where}"
+
+    def _reject(self, row: int, reason: str) -> None:
+        """A row that cannot give samples: counted under ``reason``, or (malformed, no skip) an error."""
+        if reason.startswith("bad: "):
+            if not self.skip_bad_rows:
+                raise BadRowError(f"{self._name(row)}: {reason[5:]} (--skip-bad-rows leaves such rows out)")
+            self.bad_rows[row] = reason[5:]
+            reason = "bad_row"
+        self.excluded[reason] += 1
+
+    def _index_jxu124(self) -> None:
+        names = ["ref_id", "image_id", "sentences", "raw_anns", "raw_image_info"]
+        cols = self.rows.columns(names + (["split"] if "split" in self.rows.column_names else []))
+        present = set(cols.get("split", []))
+        if present and self.split not in present:
+            raise ValueError(f"{self.rows.where}: its rows' split column holds {sorted(present)}, not {self.split!r}")
+        self._anns: Dict[int, Tuple[Any, List[float], int, int, str, int, int]] = {}
+        for row, sentences in enumerate(cols["sentences"]):
+            if present and cols["split"][row] != self.split:
+                continue
+            try:
+                ann, info = json.loads(cols["raw_anns"][row]), json.loads(cols["raw_image_info"][row])
+                record = (ann["segmentation"], ann["bbox"], int(info["height"]), int(info["width"]), str(info["file_name"]),
+                          int(cols["ref_id"][row]), int(cols["image_id"][row]))
+                if len(record[1]) != 4 or not sentences or any("sent_id" not in s for s in sentences):
+                    raise ValueError("bbox must have 4 numbers and sentences [{sent_id, sent}] at least one")
+            except (ValueError, KeyError, TypeError) as error:
+                self._reject(row, f"bad: raw_anns / raw_image_info / sentences unusable: {error!r}")
+                continue
+            self._anns[row] = record
+            if self.mode == "train":
+                self._items.append((row, -1, -1))
+            else:
+                self._items += [(row, k, int(s["sent_id"])) for k, s in enumerate(sentences)]
+        self._sentences = cols["sentences"]
+
+    def _index_lmms(self) -> None:
+        cols = self.rows.columns(["answer", "segmentation", "bbox"] + (["iscrowd"] if "iscrowd" in self.rows.column_names else []))
+        position = 0
+        for row, answers in enumerate(cols["answer"]):
+            answers = [answers] if isinstance(answers, str) else list(answers or [])
+            first, position = position, position + len(answers)
+            problem = _polygon_problem(cols["segmentation"][row], cols["bbox"][row])
+            if problem is None and cols.get("iscrowd", [0] * (row + 1))[row]:
+                problem = "not_polygon"
+            if problem is None and not answers:
+                problem = "bad: answer holds no expression"
+            if problem is not None:
+                self._reject(row, problem)
+                continue
+            self._texts[row] = [str(a).strip() for a in answers]
+            self._items += [(row, k, first + k) for k in range(len(answers))]
+        if self.excluded["multipart"] or self.excluded["not_polygon"]:
+            self.notes.append(
+                f"lmms-lab's one flat polygon cannot hold {self.excluded['multipart']} multi-part object(s) and "
+                f"{self.excluded['not_polygon']} crowd/RLE one(s): left out, not scored"
+            )
+
+    def _index_segzero(self) -> None:
+        cols = self.rows.columns(["text"])
+        for row, text in enumerate(cols["text"]):
+            if not isinstance(text, str) or not text.strip():
+                self._reject(row, "bad: text holds no expression")
+                continue
+            self._texts[row] = [text.strip()]
+            self._items.append((row, 0, row))
+        if self.source_split != self.split:
+            self.notes.append(f"read the source's split {self.source_split!r} for {self.split!r}")
+
+    # --- samples ----------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self._items)
+
+    @property
+    def sent_ids(self) -> List[int]:
+        """The sent_id of every sample, in order (mode="eval"; see the module docstring for lmms/segzero)."""
+        if self.mode != "eval":
+            raise ValueError("sent_ids name samples in mode='eval' only; mode='train' draws sentences at random")
+        return [s for _, _, s in self._items]
+
+    def _cell(self, table: Any, name: str) -> Any:
+        return table.column(name)[0].as_py() if name in table.column_names else None
+
+    def target(self, index: int) -> RefSample:
+        """Sample ``index`` without its image (no pixel decoding): expression, mask, box and ids."""
+        row, k, sent_id = self._items[index]
+        return getattr(self, f"_target_{self.form}")(row, k, sent_id)
+
+    def _target_jxu124(self, row: int, k: int, sent_id: int) -> RefSample:
+        segmentation, bbox, height, width, file_name, ref_id, image_id = self._anns[row]
+        sentences = self._sentences[row]
+        if k < 0:
+            k = int(torch.randint(len(sentences), ()).item())
+        mask = _cached(self._mask_cache, row, _MASK_CACHE, lambda: self._mask_from(row, segmentation, height, width))
+        return RefSample(image=None, expression=sentence_text(sentences[k]), mask=mask.copy(), box=coco_box(bbox),
+                         sent_id=int(sentences[k]["sent_id"]), ref_id=ref_id, image_id=image_id, file_name=file_name)
+
+    def _mask_from(self, row: int, segmentation: Any, height: int, width: int) -> np.ndarray:
+        try:
+            return annotation_mask(segmentation, height, width)
+        except (ValueError, TypeError, IndexError) as error:
+            raise BadRowError(f"{self._name(row)}: its segmentation does not decode: {error}") from None
+
+    def _target_lmms(self, row: int, k: int, sent_id: int) -> RefSample:
+        table = self.rows.row(row)
+        height, width = _image_size(self._cell(table, "image"), self._name(row))
+        polygon, bbox = self._cell(table, "segmentation"), self._cell(table, "bbox")
+        mask = _cached(self._mask_cache, row, _MASK_CACHE, lambda: self._mask_from(row, [polygon], height, width))
+        file_name = self._cell(table, "file_name")
+        digits = re.search(r"(\d{12})", file_name or "")
+        return RefSample(image=None, expression=self._texts[row][k], mask=mask.copy(), box=coco_box(bbox),
+                         sent_id=sent_id, ref_id=row, image_id=int(digits.group(1)) if digits else -1, file_name=file_name)
+
+    def _target_segzero(self, row: int, k: int, sent_id: int) -> RefSample:
+        table = self.rows.row(row)
+        mask = _cached(self._mask_cache, row, _MASK_CACHE, lambda: self._segzero_mask(row, table))
+        bbox = self._cell(table, "bbox")
+        if bbox is not None and (len(bbox) != 4 or not all(isinstance(v, (int, float)) for v in bbox)):
+            raise BadRowError(f"{self._name(row)}: bbox must be [x1, y1, x2, y2] numbers, got {str(bbox)[:60]}")
+        image_id = str(self._cell(table, "image_id") or "")
+        return RefSample(image=None, expression=self._texts[row][k], mask=mask.copy(),
+                         box=np.asarray(bbox, dtype=np.float32) if bbox is not None else mask_to_box(mask),
+                         sent_id=sent_id, ref_id=row, image_id=int(image_id) if image_id.isdigit() else -1)
+
+    def _segzero_mask(self, row: int, table: Any) -> np.ndarray:
+        """bool [H, W] of a Seg-Zero ``mask`` cell (a list of rows), checked against img_height x img_width."""
+        pc = _require("pyarrow.compute")
+        column = table.column("mask")
+        rows = pc.list_flatten(column)
+        values = pc.list_flatten(rows).to_numpy(zero_copy_only=False)
+        lengths = set(pc.list_value_length(rows).to_pylist())
+        height, width = self._cell(table, "img_height"), self._cell(table, "img_width")
+        if len(lengths) > 1 or (height is not None and (len(rows), *lengths) != (height, width)):
+            raise BadRowError(f"{self._name(row)}: mask must be {height}x{width} bools (img_height x img_width), "
+                              f"got {len(rows)} rows of lengths {sorted(lengths)[:5]}")
+        return values.astype(bool).reshape(len(rows), -1)
+
+    def load_image(self, index: int) -> np.ndarray:
+        """uint8 [H, W, 3] pixels of sample ``index``'s image; ImageLoadError naming the row if unusable."""
+        row = self._items[index][0]
+
+        def read() -> np.ndarray:
+            if self.form == "jxu124":
+                _, _, height, width, file_name, _, _ = self._anns[row]
+                return read_image(self.image_root / file_name, height, width, name=f"{self.image_root / file_name} ({self._name(row)})")
+            return _decode_image(self._cell(self.rows.row(row), "image"), self._name(row))
+
+        return _cached(self._image_cache, row, _IMAGE_CACHE, read).copy()
+
+    def _sample(self, index: int) -> RefSample:
+        sample = self.target(index)
+        sample.image = self.load_image(index)
+        if sample.image.shape[:2] != sample.mask.shape:
+            raise BadRowError(f"{self._name(self._items[index][0])}: its image is {sample.image.shape[:2]} (HxW), "
+                              f"its mask {sample.mask.shape}")
+        return sample
+
+    def __getitem__(self, index: int) -> RefSample:
+        if self.mode == "eval" or not self.skip_bad_rows:
+            return self._sample(index)
+        for step in range(len(self._items)):  # train + skip_bad_rows: the next good row stands in
+            j = (index + step) % len(self._items)
+            if self._items[j][0] in self.bad_rows:
+                continue
+            try:
+                return self._sample(j)
+            except (ImageLoadError, BadRowError) as error:
+                self.bad_rows[self._items[j][0]] = str(error)
+        raise ValueError(f"{self.rows.where}: every row is bad, e.g. {next(iter(self.bad_rows.values()))}")
