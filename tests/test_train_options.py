@@ -1,6 +1,7 @@
 """The trainer's command line: every option's help and allowed values, warnings for options that do nothing,
 and ``--model <checkpoint>``'s recorded options (issue 16)."""
 import dataclasses
+import json
 import logging
 
 import pytest
@@ -107,6 +108,18 @@ def test_model_checkpoint_options_left_out_are_the_checkpoints(checkpoint):
     assert {name: getattr(config, name) for name in RECORDED} == RECORDED
     config, _ = parse_args(["--model", str(checkpoint), "--prompt-style", "cot", "--max-new-tokens", "12"])
     assert {name: getattr(config, name) for name in RECORDED} == RECORDED
+
+
+def test_a_run_from_a_checkpoint_generates_and_scores_as_the_checkpoint(checkpoint, tmp_path):
+    """Two GRPO steps from the cot checkpoint: the format reward is scored and completions stop at its 12 tokens."""
+    code = train.main(["--model", str(checkpoint), "--output-dir", str(tmp_path), "--stage1-steps", "0", "--stage2-steps", "2",
+                       "--val-size", "2", "--val-batch-size", "2", "--batch-size", "1", "--num-generations", "2",
+                       "--beta", "0", "--progress", "false"])
+    assert code == 0
+    written = json.loads((tmp_path / "config.json").read_text())
+    assert {name: written[name] for name in RECORDED} == RECORDED
+    steps = [r for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines()) if r.get("stage") == "grpo"]
+    assert len(steps) == 2 and all("reward/format/mean" in r and r["completion_length"] <= 12 for r in steps)
 
 
 @pytest.mark.parametrize("argv, message", [
