@@ -35,7 +35,7 @@ from lens_fast.training.rollout_rewards import REWARDS
 PLAN_WEIGHTS = ("master", "kahan", "sr")
 PLAN_ATTENTION = ("sdpa", "flash", "eager")
 PRECISIONS = ("auto", "fp32", "bf16-mixed", "bf16")
-DATA = ("synthetic", "refcoco")
+DATA = ("synthetic", "refcoco", "hf")
 DATASETS = ("refcoco", "refcoco+", "refcocog")
 LR_SCHEDULES = ("cosine", "constant")
 SEQUENCE_EPSILON_LIMIT = 0.01
@@ -126,7 +126,8 @@ class TrainConfig:
     micro_batch: int = _option(0, "sequences (rows, completions) per forward/backward pass, 0: all of the process's rows "
                                   "at once", bounds=AT_LEAST_0)
     # data
-    data: str = _option("synthetic", "synthetic (generated scenes, no download) | refcoco (data_root's refer files)",
+    data: str = _option("synthetic", "synthetic (generated scenes, no download) | refcoco (data_root's refer files) | "
+                                     "hf (a Hugging Face form of RefCOCO/+/g: jxu124, lmms-lab, Seg-Zero; README)",
                         choices=DATA)
     synthetic_kinds: tuple = _option(("attribute",), "synthetic: the expression kinds trained on", choices=KINDS)
     synthetic_min_radius: float = _option(0.12, "synthetic: smallest object radius, a fraction of the image's shorter "
@@ -134,10 +135,14 @@ class TrainConfig:
     synthetic_max_radius: float = _option(0.25, "synthetic: largest object radius, a fraction of the image's shorter side",
                                           bounds=Range(0.02, 0.3))
     synthetic_max_objects: int = _option(4, "synthetic: most objects in a scene", bounds=Range(2, 8))
-    data_root: str = _option("", "refcoco: the directory holding <dataset>/refs(<split_by>).p and instances.json")
-    dataset: str = _option("refcoco", "refcoco: which of the three", choices=DATASETS)
+    data_root: str = _option("", "refcoco: the directory holding <dataset>/refs(<split_by>).p and instances.json; "
+                                 "hf: a save_to_disk or parquet directory, or a hub name in the datasets cache")
+    dataset: str = _option("refcoco", "refcoco / hf: which of the three", choices=DATASETS)
     split_by: str = _option("", "refcoco: the refs file's split (empty: unc for refcoco and refcoco+, umd for refcocog)")
-    image_root: str = _option("", "refcoco: COCO train2014 images (empty: <data_root>/images/mscoco/images/train2014)")
+    image_root: str = _option("", "refcoco: COCO train2014 images (empty: <data_root>/images/mscoco/images/train2014); "
+                                  "hf: the same folder, needed by the jxu124 form (it holds no pixels)")
+    skip_bad_rows: bool = _option(False, "hf: leave out and count rows whose annotation or image is unusable, instead of "
+                                         "stopping with an error naming the row")
     val_split: str = _option("val", "the validation split (synthetic: val | test; refcoco: val, testA, testB, test)")
     val_size: int = _option(200, "validation samples (0: none)", bounds=AT_LEAST_0)
     val_batch_size: int = _option(50, "validation batch size", bounds=AT_LEAST_1)
@@ -282,6 +287,8 @@ class TrainConfig:
             needed.append(("model", self.model))
         if self.data == "refcoco":
             needed.append(("data_root", self.data_root))
+        if self.data == "hf" and not self.data_root:
+            raise FileNotFoundError("data_root: data 'hf' needs a directory or a hub name, got ''")
         for name, value in needed:
             if not value or not Path(value).exists():
                 raise FileNotFoundError(f"{name}: path {value!r} does not exist")
