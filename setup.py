@@ -88,9 +88,12 @@ setup(
             "trl>=1.0",
             "matplotlib>=3.7",  # the trainer's curves.png
             "bitsandbytes>=0.45",  # optimizer_states=8bit (tests/test_optim.py)
+            "datasets>=3.0",  # the Hugging Face forms of RefCOCO (tests/test_data_hf.py)
+            "pyarrow>=15",
         ],
         "flash": ["flash-attn>=2.6"],
         "lean": ["bitsandbytes>=0.45"],  # optimizer_states=8bit
+        "data": ["datasets>=3.0", "pyarrow>=15"],  # --data hf: RefCOCO/+/g in Hugging Face forms (lens_fast.data.hf)
     },
     zip_safe=False,
 )
