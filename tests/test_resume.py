@@ -94,7 +94,7 @@ def test_sigkill_in_stage2_without_a_periodic_checkpoint_resumes_from_the_bounda
     """The issue's reproduction: no periodic checkpoint in stage 2, SIGKILL after stage-2 step 2, resume: the
     stage1 checkpoint carries stage 2's optimizer and LR schedule, so lr and every loss match."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    options = [*FAST, *STAGES[:2], "--stage2-steps", "5", *STAGES[4:], "--checkpoint-every", "1000"]
+    options = [*FAST, *STAGES[:2], "--stage2-steps", "5", *STAGES[4:], "--checkpoint-every", "1000", "--threads", "1"]
     whole, broken = tmp_path / "whole", tmp_path / "broken"
     assert train.main(["--output-dir", str(whole), *options]) == 0
     command = [sys.executable, "-m", "lens_fast.train", *options, "--output-dir", str(broken)]
