@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ import torch.multiprocessing as mp
 
 from lens_fast.model import from_pretrained
 from lens_fast.training import grpo
-from lens_fast.training.distributed import World
+from lens_fast.training.distributed import World, close_world, init_world
 from test_train import FAST, _wait_for_checkpoint, records
 
 ARGS = [*FAST, "--stage1-steps", "8", "--stage2-steps", "4", "--checkpoint-every", "4", "--beta", "0.04",
@@ -177,3 +178,33 @@ def test_dapo_token_mean_spans_every_process(tmp_path):
     mp.start_processes(_dapo_rank, args=(_free_port(), str(tmp_path)), nprocs=2, start_method="spawn")
     for rank in range(2):
         torch.testing.assert_close(torch.load(tmp_path / f"{rank}.pt"), layer.weight.grad)
+
+
+def _timeout_rank(rank: int, port: int, out: str) -> None:
+    """Rank 0 waits in an all-reduce that rank 1 never joins (it leaves after 4 s); the timeout is 0.01 minutes."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    world = init_world("cpu", timeout_minutes=0.01)
+    if rank == 0:
+        started = time.monotonic()
+        try:
+            dist.all_reduce(torch.ones(1))
+            outcome = "completed"
+        except RuntimeError as error:
+            outcome = f"failed: {error}"
+        with open(f"{out}/rank0.txt", "w") as file:
+            file.write(f"{time.monotonic() - started:.2f} {outcome}")
+    else:
+        time.sleep(4)
+    close_world(world)
+
+
+def test_process_group_timeout_comes_from_init_world(tmp_path):
+    """The collective gives up after the configured 0.6 s, not when rank 1 leaves (torch's gloo default: 30 minutes)."""
+    mp.start_processes(_timeout_rank, args=(_free_port(), str(tmp_path)), nprocs=2, start_method="spawn")
+    elapsed, outcome = (tmp_path / "rank0.txt").read_text().split(" ", 1)
+    assert outcome.startswith("failed") and float(elapsed) < 3, outcome
+
+
+def test_init_world_checks_its_timeout():
+    with pytest.raises(ValueError, match="timeout_minutes"):
+        init_world("cpu", timeout_minutes=0)
