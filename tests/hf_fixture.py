@@ -11,7 +11,6 @@ with ``datasets`` itself (its Image feature, its parquet writer), locally: nothi
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 from refcoco_fixture import IMAGES, REFS, annotations, build_refcoco_fixture, expected_mask, image_name
 

@@ -8,15 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("datasets")
-from hf_fixture import build_all, lmms_rows, segzero_rows, write_lmms, write_segzero  # noqa: E402
-from refcoco_fixture import image_name  # noqa: E402
+datasets = pytest.importorskip("datasets")
+from hf_fixture import build_all, jxu124_rows, lmms_rows, segzero_rows, write_lmms, write_segzero  # noqa: E402
+from refcoco_fixture import IMAGES, annotations, image_name  # noqa: E402
 
 from lens_fast import rle  # noqa: E402
 from lens_fast.data import (  # noqa: E402
     BadRowError, HfRefDataset, ImageLoadError, RefCocoDataset, build_ref_dataset, build_ref_datasets, collate_samples,
 )
-from lens_fast.data.hf import detect_form, open_source  # noqa: E402
+from lens_fast.data.hf import detect_form, open_source, segmentation_error  # noqa: E402
 from lens_fast.eval import main  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
@@ -139,13 +139,46 @@ def test_bad_polygon_is_an_error_naming_the_row_or_skipped(forms, tmp_path, caps
     rows = lmms_rows(forms["refer"], "val")
     rows[2]["segmentation"] = [4.0, 3.0, 15.0, 3.0, 15.0]  # an odd number of coordinates
     source = write_lmms(tmp_path, "val", rows)
-    with pytest.raises(BadRowError, match=r"row 2 of .*val-00000-of-00001.parquet: segmentation must be a flat polygon"):
+    with pytest.raises(BadRowError, match=r"row 2 of .*lmms \[val\] \(val-00000-of-00001.parquet row 2\): segmentation: a polygon must be a flat list"):
         HfRefDataset(source, "refcoco", "val")
     code = main(["--data", "hf", "--data-root", str(source), "--split", "val", "--predictions", str(tmp_path / "p.json")])
     assert code == 2 and "row 2 of" in capsys.readouterr().err
     skipped = HfRefDataset(source, "refcoco", "val", skip_bad_rows=True)
     assert dict(skipped.excluded) == {"multipart": 1, "bad_row": 1} and list(skipped.bad_rows) == [2]
     assert skipped.sent_ids == [0, 1, 2] and any("1 bad row(s) left out" in n and "row 2 of" in n for n in skipped.notes)
+
+
+def test_rows_across_files_and_row_groups(forms, tmp_path):
+    """A split over two parquet files of one-row groups reads the same samples and names rows by file."""
+    pq = pytest.importorskip("pyarrow.parquet")
+    table = pq.read_table(next((forms["lmms"] / "data").glob("val-*.parquet")))
+    (tmp_path / "data").mkdir()
+    pq.write_table(table.slice(0, 2), tmp_path / "data" / "val-00000-of-00002.parquet", row_group_size=1)
+    pq.write_table(table.slice(2), tmp_path / "data" / "val-00001-of-00002.parquet", row_group_size=1)
+    split = open_source(tmp_path)["val"]
+    assert len(split) == 3 and len(split.parts) == 3
+    assert split.describe(2).endswith("(val-00001-of-00002.parquet row 0)")
+    whole, parts = HfRefDataset(forms["lmms"], "refcoco", "val"), HfRefDataset(tmp_path, "refcoco", "val")
+    assert parts.sent_ids == whole.sent_ids and dict(parts.excluded) == dict(whole.excluded)
+    for i in range(len(whole)):
+        assert_same(parts[i], whole[i])
+
+
+def test_jxu124_bad_annotations_are_found_up_front(forms, tmp_path):
+    rows = jxu124_rows("val")
+    ann = json.loads(rows[1]["raw_anns"])
+    ann["segmentation"][1] = [20, 14, 30]  # a polygon of 1.5 points
+    rows[1]["raw_anns"] = json.dumps(ann)
+    rows[2]["raw_image_info"] = "{not json"
+    (tmp_path / "bad" / "data").mkdir(parents=True)
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "bad" / "data" / "validation-00000-of-00001.parquet"))
+    with pytest.raises(BadRowError, match=r"row 1 of .*: a polygon must be a flat list .* got 3"):
+        HfRefDataset(tmp_path / "bad", "refcoco", "val", image_root=forms["image_root"])
+    ds = HfRefDataset(tmp_path / "bad", "refcoco", "val", image_root=forms["image_root"], skip_bad_rows=True)
+    assert ds.sent_ids == [100, 101, 102] and sorted(ds.bad_rows) == [1, 2] and "unusable" in ds.bad_rows[2]
+    for ann_id, a in annotations().items():
+        assert segmentation_error(a["segmentation"], *IMAGES[a["image_id"]]) is None, ann_id
+    assert "RLE size [5, 5]" in segmentation_error({"size": [5, 5], "counts": "x"}, 20, 20)
 
 
 def test_corrupt_image_and_bad_mask_name_the_row(forms, tmp_path, capsys):

@@ -5,7 +5,8 @@ Three published forms, told apart by their columns (``detect_form``):
 - ``jxu124`` (``jxu124/refcoco``, ``jxu124/refcocoplus``, ``jxu124/refcocog``): one row per ref with the
   refer fields (``ref_id``, ``image_id``, ``split``, ``sentences`` [{raw, sent, sent_id, tokens}]) plus
   ``raw_anns`` (the COCO annotation as JSON: polygons or RLE, ``bbox`` xywh) and ``raw_image_info``
-  (JSON: file_name, height, width). No pixels: images come from a local COCO train2014 folder
+  (JSON: file_name, height, width); its ``bbox`` column is xyxy (the box is read from ``raw_anns``,
+  as the refer reader reads it). No pixels: images come from a local COCO train2014 folder
   (``image_root``). Every split, train included; the samples equal the ``refer`` reader's sample for
   sample (sent_id, ref_id, image_id, mask, box, expression). Hub split names: ``validation`` holds
   val and, for refcoco / refcoco+, ``test`` holds testA; the rows' ``split`` column is checked.
@@ -13,14 +14,16 @@ Three published forms, told apart by their columns (``detect_form``):
   bytes, ``answer`` (the ref's expressions), ``bbox`` xywh and ``segmentation`` as ONE flat polygon.
   An object the polygon cannot hold is excluded and counted, never scored with a wrong mask:
   ``not_polygon`` (crowd / RLE objects, an empty polygon) and ``multipart`` (the polygon's extent differs
-  from the box by more than ``EXTENT_TOLERANCE`` px: a part of an object of several polygons).
+  from the box by more than ``EXTENT_TOLERANCE`` px: a part of an object of several polygons). A form
+  that joined the parts into one list would pass this check unseen; the rows hold no way to tell.
 - ``segzero`` (Seg-Zero's evaluation parquet, e.g. ``Ricky06662/refcoco_testA``): one row per ref with
   the image's bytes, ``text`` (one expression), ``mask`` (a 2-D bool array), ``img_height``,
   ``img_width``, ``bbox`` (int xyxy pixels), ``image_id`` / ``ann_id`` as strings.
 
 Sources (``open_source``): a directory written by ``save_to_disk`` (read memory-mapped), a directory of
 parquet files (the hub's ``data/<split>-*.parquet`` or ``<split>/0000.parquet``; read one row group at
-a time), or a hub name ``datasets.load_dataset`` finds in its cache. Nothing is loaded whole: only
+a time), or a hub name opened by ``datasets.load_dataset`` (its cache; it downloads what is missing).
+Nothing is loaded whole: only
 the light columns that index the samples are read up front; images are decoded in ``__getitem__``
 (the trainer's data-loading thread).
 
@@ -45,7 +48,7 @@ import threading
 from bisect import bisect_right
 from collections import Counter, OrderedDict
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -88,7 +91,8 @@ def _require(module: str) -> Any:
 
 class ArrowRows:
     """Random access to the rows of Arrow data without reading it whole: ``parts`` are pyarrow Tables
-    (memory-mapped by ``datasets``) or ``(ParquetFile, row_group)`` pairs, read one at a time."""
+    (memory-mapped by ``datasets``) or ``(ParquetFile, row_group, file path, the group's first row in
+    its file)``, read one at a time. ``where`` names the split in messages."""
 
     def __init__(self, parts: Sequence[Any], where: str) -> None:
         self.parts = list(parts)
@@ -131,6 +135,13 @@ class ArrowRows:
             table = _cached(self._cache, k, _ROW_GROUP_CACHE, lambda: self._read(self.parts[k]))
         return table.slice(index - self.starts[k], 1)
 
+    def describe(self, index: int) -> str:
+        """"row <index> of <where>", plus the parquet file and the row within it."""
+        k = bisect_right(self.starts, index) - 1
+        part = self.parts[k]
+        inside = f" ({Path(part[2]).name} row {part[3] + index - self.starts[k]})" if isinstance(part, tuple) else ""
+        return f"row {index} of {self.where}{inside}"
+
 
 def _parquet_split(path: Path) -> str:
     """The split a parquet file holds by the hub's naming: ``<split>-00000-of-00001[-hash].parquet``, or
@@ -170,8 +181,9 @@ def open_source(source: Union[str, Path]) -> Dict[str, ArrowRows]:
             parts = []
             for file in members:
                 handle = pq.ParquetFile(file)
-                parts += [(handle, g) for g in range(handle.metadata.num_row_groups)]
-            splits[name] = ArrowRows(parts, ", ".join(str(f) for f in members))
+                sizes = [handle.metadata.row_group(g).num_rows for g in range(handle.metadata.num_row_groups)]
+                parts += [(handle, g, file, sum(sizes[:g])) for g in range(len(sizes))]
+            splits[name] = ArrowRows(parts, f"{path} [{name}]")
         return splits
     if path.exists() or path.suffix == ".parquet":
         raise FileNotFoundError(f"{path} is not a directory of parquet files or a save_to_disk dataset")
@@ -205,39 +217,66 @@ def _choose_split(splits: Dict[str, ArrowRows], split: str) -> Tuple[str, ArrowR
     return "", None
 
 
-def _decode_image(value: Any, name: str) -> np.ndarray:
-    """uint8 [H, W, 3] pixels of a ``datasets`` Image cell ({bytes, path}); ImageLoadError naming ``name``."""
-    data = value.get("bytes") if isinstance(value, dict) else None
-    if not isinstance(data, (bytes, bytearray)) or not data:
-        raise ImageLoadError(f"cannot read image {name}: the row holds no image bytes")
-    return read_image(io.BytesIO(data), name=name)
+def _image_file(value: Any, name: str) -> Union[io.BytesIO, str]:
+    """What to open for a ``datasets`` Image cell ({bytes, path}): its bytes, else its path when that file
+    exists; ImageLoadError naming ``name`` otherwise."""
+    data, path = (value.get("bytes"), value.get("path")) if isinstance(value, dict) else (None, None)
+    if isinstance(data, (bytes, bytearray)) and data:
+        return io.BytesIO(data)
+    if isinstance(path, str) and Path(path).is_file():
+        return path
+    raise ImageLoadError(f"cannot read image {name}: the row holds no image bytes (path {path!r})")
 
 
 def _image_size(value: Any, name: str) -> Tuple[int, int]:
     """(height, width) from an Image cell's header, without decoding the pixels; BadRowError if unreadable."""
-    data = value.get("bytes") if isinstance(value, dict) else None
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        with Image.open(_image_file(value, name)) as image:
             width, height = image.size
-    except (OSError, ValueError, TypeError) as error:
+    except (OSError, ValueError) as error:
         raise BadRowError(f"{name}: its image header is unreadable ({error}), so its mask has no size") from None
     return height, width
 
 
-def _polygon_problem(polygon: Any, bbox: Any) -> Optional[str]:
-    """Why an lmms row's (flat polygon, xywh bbox) cannot be scored, or None. 'bad: ...' for malformed data,
-    'not_polygon' / 'multipart' for objects one polygon cannot hold."""
-    if not isinstance(bbox, list) or len(bbox) != 4 or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in bbox):
+def _numbers(values: Any, count: Optional[int] = None) -> bool:
+    """Whether ``values`` is a list of finite numbers (of length ``count`` if given)."""
+    return (isinstance(values, list) and (count is None or len(values) == count)
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values))
+
+
+def polygon_error(polygon: Any) -> Optional[str]:
+    """Why ``polygon`` is not a flat COCO polygon [x1, y1, x2, y2, ...] of >= 3 finite points, or None."""
+    if not _numbers(polygon) or len(polygon) % 2 or len(polygon) < 6:
+        size = len(polygon) if isinstance(polygon, list) else type(polygon).__name__
+        return f"a polygon must be a flat list [x1, y1, x2, y2, ...] of >= 3 finite points, got {size}"
+    return None
+
+
+def segmentation_error(segmentation: Any, height: int, width: int) -> Optional[str]:
+    """Why a COCO ``segmentation`` (a list of polygons, or an RLE {size, counts} of the image's size) cannot be
+    decoded at ``height`` x ``width``, or None. Structure only: nothing is rasterised."""
+    if isinstance(segmentation, list):
+        return next((e for e in map(polygon_error, segmentation) if e), None)
+    if isinstance(segmentation, dict) and "counts" in segmentation:
+        size = segmentation.get("size")
+        return None if list(size or []) == [height, width] else f"RLE size {size} is not the image's [{height}, {width}]"
+    return f"segmentation must be polygons or an RLE dict, got {type(segmentation).__name__}"
+
+
+def lmms_problem(polygon: Any, bbox: Any, iscrowd: Any) -> Optional[str]:
+    """Why an lmms row (one flat polygon, xywh ``bbox``) cannot be scored, or None: "bad: <why>" for
+    malformed data; "not_polygon" (crowd / RLE objects: an empty polygon) and "multipart" (the polygon's
+    extent differs from the box by more than ``EXTENT_TOLERANCE`` px: one part of several) for objects
+    one polygon cannot hold."""
+    if not _numbers(bbox, 4):
         return f"bad: bbox must be [x, y, w, h] finite numbers, got {str(bbox)[:60]}"
-    if not polygon:
+    if iscrowd or not polygon:
         return "not_polygon"
-    if not isinstance(polygon, list) or len(polygon) % 2 or len(polygon) < 6:
-        return f"bad: segmentation must be a flat polygon [x1, y1, x2, y2, ...] of >= 3 points, got {len(polygon or [])} numbers"
-    if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in polygon):
-        return "bad: segmentation has non-finite coordinates"
-    xs, ys = polygon[0::2], polygon[1::2]
+    error = polygon_error(polygon)
+    if error:
+        return f"bad: segmentation: {error}"
     x, y, w, h = bbox
-    extent = (min(xs), min(ys), max(xs), max(ys))
+    extent = (min(polygon[0::2]), min(polygon[1::2]), max(polygon[0::2]), max(polygon[1::2]))
     if max(abs(a - b) for a, b in zip(extent, (x, y, x + w, y + h))) > EXTENT_TOLERANCE:
         return "multipart"
     return None
@@ -302,7 +341,7 @@ class HfRefDataset(torch.utils.data.Dataset):
 
     # --- indexing: light columns only -------------------------------------------------------------
     def _name(self, row: int) -> str:
-        return f"row {row} of {self.rows.where}"
+        return self.rows.describe(row)
 
     def _reject(self, row: int, reason: str) -> None:
         """A row that cannot give samples: counted under ``reason``, or (malformed, no skip) an error."""
@@ -319,35 +358,40 @@ class HfRefDataset(torch.utils.data.Dataset):
         present = set(cols.get("split", []))
         if present and self.split not in present:
             raise ValueError(f"{self.rows.where}: its rows' split column holds {sorted(present)}, not {self.split!r}")
-        self._anns: Dict[int, Tuple[Any, List[float], int, int, str, int, int]] = {}
+        # row -> (bbox xywh, height, width, file_name, ref_id, image_id, [(sent_id, text)]); polygons stay on disk
+        self._refs: Dict[int, Tuple[List[float], int, int, str, int, int, List[Tuple[int, str]]]] = {}
         for row, sentences in enumerate(cols["sentences"]):
             if present and cols["split"][row] != self.split:
                 continue
             try:
                 ann, info = json.loads(cols["raw_anns"][row]), json.loads(cols["raw_image_info"][row])
-                record = (ann["segmentation"], ann["bbox"], int(info["height"]), int(info["width"]), str(info["file_name"]),
-                          int(cols["ref_id"][row]), int(cols["image_id"][row]))
-                if len(record[1]) != 4 or not sentences or any("sent_id" not in s for s in sentences):
-                    raise ValueError("bbox must have 4 numbers and sentences [{sent_id, sent}] at least one")
-            except (ValueError, KeyError, TypeError) as error:
-                self._reject(row, f"bad: raw_anns / raw_image_info / sentences unusable: {error!r}")
+                height, width = int(info["height"]), int(info["width"])
+                texts = [(int(s["sent_id"]), sentence_text(s)) for s in sentences]
+                error = segmentation_error(ann["segmentation"], height, width)
+                if error is None and not _numbers(ann["bbox"], 4):
+                    error = f"raw_anns bbox must be [x, y, w, h] finite numbers, got {str(ann['bbox'])[:60]}"
+                if error is None and not texts:
+                    error = "sentences is empty"
+            except (ValueError, KeyError, TypeError) as failure:
+                error = f"raw_anns / raw_image_info / sentences unusable: {failure!r}"
+            if error is not None:
+                self._reject(row, f"bad: {error}")
                 continue
-            self._anns[row] = record
+            self._refs[row] = (ann["bbox"], height, width, str(info["file_name"]), int(cols["ref_id"][row]),
+                               int(cols["image_id"][row]), texts)
             if self.mode == "train":
                 self._items.append((row, -1, -1))
             else:
-                self._items += [(row, k, int(s["sent_id"])) for k, s in enumerate(sentences)]
-        self._sentences = cols["sentences"]
+                self._items += [(row, k, sent_id) for k, (sent_id, _) in enumerate(texts)]
 
     def _index_lmms(self) -> None:
         cols = self.rows.columns(["answer", "segmentation", "bbox"] + (["iscrowd"] if "iscrowd" in self.rows.column_names else []))
+        crowd = cols.get("iscrowd") or [0] * len(cols["answer"])
         position = 0
         for row, answers in enumerate(cols["answer"]):
             answers = [answers] if isinstance(answers, str) else list(answers or [])
             first, position = position, position + len(answers)
-            problem = _polygon_problem(cols["segmentation"][row], cols["bbox"][row])
-            if problem is None and cols.get("iscrowd", [0] * (row + 1))[row]:
-                problem = "not_polygon"
+            problem = lmms_problem(cols["segmentation"][row], cols["bbox"][row], crowd[row])
             if problem is None and not answers:
                 problem = "bad: answer holds no expression"
             if problem is not None:
@@ -392,13 +436,13 @@ class HfRefDataset(torch.utils.data.Dataset):
         return getattr(self, f"_target_{self.form}")(row, k, sent_id)
 
     def _target_jxu124(self, row: int, k: int, sent_id: int) -> RefSample:
-        segmentation, bbox, height, width, file_name, ref_id, image_id = self._anns[row]
-        sentences = self._sentences[row]
+        bbox, height, width, file_name, ref_id, image_id, texts = self._refs[row]
         if k < 0:
-            k = int(torch.randint(len(sentences), ()).item())
-        mask = _cached(self._mask_cache, row, _MASK_CACHE, lambda: self._mask_from(row, segmentation, height, width))
-        return RefSample(image=None, expression=sentence_text(sentences[k]), mask=mask.copy(), box=coco_box(bbox),
-                         sent_id=int(sentences[k]["sent_id"]), ref_id=ref_id, image_id=image_id, file_name=file_name)
+            k = int(torch.randint(len(texts), ()).item())
+        segmentation = lambda: json.loads(self._cell(self.rows.row(row), "raw_anns"))["segmentation"]  # noqa: E731
+        mask = _cached(self._mask_cache, row, _MASK_CACHE, lambda: self._mask_from(row, segmentation(), height, width))
+        return RefSample(image=None, expression=texts[k][1], mask=mask.copy(), box=coco_box(bbox),
+                         sent_id=texts[k][0], ref_id=ref_id, image_id=image_id, file_name=file_name)
 
     def _mask_from(self, row: int, segmentation: Any, height: int, width: int) -> np.ndarray:
         try:
@@ -420,7 +464,7 @@ class HfRefDataset(torch.utils.data.Dataset):
         table = self.rows.row(row)
         mask = _cached(self._mask_cache, row, _MASK_CACHE, lambda: self._segzero_mask(row, table))
         bbox = self._cell(table, "bbox")
-        if bbox is not None and (len(bbox) != 4 or not all(isinstance(v, (int, float)) for v in bbox)):
+        if bbox is not None and not _numbers(bbox, 4):
             raise BadRowError(f"{self._name(row)}: bbox must be [x1, y1, x2, y2] numbers, got {str(bbox)[:60]}")
         image_id = str(self._cell(table, "image_id") or "")
         return RefSample(image=None, expression=self._texts[row][k], mask=mask.copy(),
@@ -446,9 +490,9 @@ class HfRefDataset(torch.utils.data.Dataset):
 
         def read() -> np.ndarray:
             if self.form == "jxu124":
-                _, _, height, width, file_name, _, _ = self._anns[row]
+                _, height, width, file_name, _, _, _ = self._refs[row]
                 return read_image(self.image_root / file_name, height, width, name=f"{self.image_root / file_name} ({self._name(row)})")
-            return _decode_image(self._cell(self.rows.row(row), "image"), self._name(row))
+            return read_image(_image_file(self._cell(self.rows.row(row), "image"), self._name(row)), name=self._name(row))
 
         return _cached(self._image_cache, row, _IMAGE_CACHE, read).copy()
 
