@@ -69,7 +69,8 @@ def validate(model: LensModel, dataset, *, size: int, batch_size: int, collapse_
     model.eval()
     try:
         batches = _batches(list(range(min(size, len(dataset)))), batch_size)
-        local = {k: _predict_batch(model, dataset, chunk, collapse_samples) for k, chunk in _mine(batches, world)}
+        collapse = collapse_samples if isinstance(dataset, SyntheticRefDataset) else 0  # (synthetic scenes only)
+        local = {k: _predict_batch(model, dataset, chunk, collapse) for k, chunk in _mine(batches, world)}
         results = _gathered(local, world)
         metrics = ReferringMetrics()
         own_masks: dict[int, torch.Tensor] = {}
