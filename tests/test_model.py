@@ -342,11 +342,12 @@ def test_prompts_mode_feeds_the_parsed_box_to_sam(prompts_model, monkeypatch):
     sx, sy = 120 / w, 90 / h
     assert boxes[0] == pytest.approx((10 * sx, 20 * sy, 60 * sx, 80 * sy))
     assert boxes[2] is None
-    side = model.segmenter.image_size
+    h_in, w_in = 192, 256  # SAM v1's frame: the longest side (120) to image_size 256, aspect kept, padded
+    assert model.segmenter.image_size == 256 and model.segmenter.input_size((90, 120)) == (h_in, w_in)
     fed = torch.cat([p["boxes"] for p in seen])
-    want = torch.tensor([[10 * sx / 120, 20 * sy / 90, 60 * sx / 120, 80 * sy / 90],
-                         [50 * sx / 120, 5 * sy / 90, 110 * sx / 120, 100 * sy / 90]]) * side
-    torch.testing.assert_close(fed.sort(0).values, want.sort(0).values)  # both boxes, in SAM's square frame
+    want = torch.tensor([[10 * sx * w_in / 120, 20 * sy * h_in / 90, 60 * sx * w_in / 120, 80 * sy * h_in / 90],
+                         [50 * sx * w_in / 120, 5 * sy * h_in / 90, 110 * sx * w_in / 120, 100 * sy * h_in / 90]])
+    torch.testing.assert_close(fed.sort(0).values, want.sort(0).values)  # both boxes, in SAM's input frame
     assert any(p["points"] is not None for p in seen)
     assert (low_res[0] - low_res[1]).abs().max() > 1e-3  # the mask follows the box
     assert (low_res[2] == NO_MASK_LOGIT).all() and score[2] == 0

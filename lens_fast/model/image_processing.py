@@ -3,8 +3,9 @@
 Qwen2.5-VL (as ``Qwen2VLImageProcessor``): resize (bicubic) so both sides are multiples of
 ``patch_size * merge_size`` with the pixel count in ``[min_pixels, max_pixels]``, scale to [0, 1],
 CLIP mean/std, then flatten into ``grid_h * grid_w`` patches of ``3 * temporal_patch_size *
-patch_size^2`` values, ordered by merge window. SAM (as LENS feeds it): the image squashed to
-``image_size`` x ``image_size`` (aspect not kept), ImageNet mean/std in 0-255 units.
+patch_size^2`` values, ordered by merge window. SAM: SAM v1's own preprocessing (segment_anything's
+``SamPredictor.set_image``): longest side resized to ``image_size`` with the aspect kept
+(``ops.resize_longest_side``), ImageNet mean/std in 0-255 units, zero-padded bottom/right to a square.
 """
 from __future__ import annotations
 
@@ -15,8 +16,9 @@ from typing import Sequence, Union
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
+
+from lens_fast.ops import resize_longest_side
 
 ImageLike = Union[Image.Image, np.ndarray, str, PathLike]
 
@@ -99,13 +101,17 @@ def qwen_patches(image: np.ndarray, config: QwenPatchConfig) -> tuple[torch.Tens
 
 
 def sam_input(images: Sequence[np.ndarray], image_size: int) -> torch.Tensor:
-    """RGB uint8 [H_i, W_i, 3] images -> float32 [B, 3, S, S]: each squashed to S = ``image_size``
-    (bilinear, antialiased), normalised by SAM's pixel mean/std."""
+    """RGB uint8 [H_i, W_i, 3] images -> float32 [B, 3, S, S], S = ``image_size``: SAM v1's preprocessing,
+    as ``SamPredictor.set_image`` does it. Each image is resized on its uint8 pixels with PIL's bilinear
+    filter (``ResizeLongestSide.apply_image``) to (h_i, w_i) = ``ops.resize_longest_side((H_i, W_i), S)``,
+    normalised by SAM's pixel mean/std (``Sam.preprocess``) and placed in the top-left corner; the
+    bottom/right padding is 0 (after normalisation, as SAM pads)."""
     mean = torch.tensor(SAM_PIXEL_MEAN).view(3, 1, 1)
     std = torch.tensor(SAM_PIXEL_STD).view(3, 1, 1)
-    out = torch.empty(len(images), 3, image_size, image_size)
+    out = torch.zeros(len(images), 3, image_size, image_size)
     for i, image in enumerate(images):
-        x = torch.from_numpy(image).permute(2, 0, 1).float()[None]
-        x = F.interpolate(x, (image_size, image_size), mode="bilinear", align_corners=False, antialias=True)
-        out[i] = (x[0] - mean) / std
+        height, width = resize_longest_side(image.shape[:2], image_size)
+        resized = np.asarray(Image.fromarray(image).resize((width, height), Image.BILINEAR))
+        x = torch.from_numpy(resized.copy()).permute(2, 0, 1).float()
+        out[i, :, :height, :width] = (x - mean) / std
     return out

@@ -1,9 +1,16 @@
 """SAM as the segmenter: segment_anything's image encoder, prompt encoder and (fused) mask decoder.
 
-Frames: SAM sees each image squashed to ``image_size`` x ``image_size``; boxes and points given here
-are xyxy / xy pixels of the original image and are mapped into that square. Masks come back as SAM's
-low-res logits [N, 4e, 4e] (e = the embedding grid side; 256 x 256 for the real models), to be
-resized to each image's own size by :meth:`Segmenter.masks` / :meth:`Segmenter.mask_stats`.
+The segmenter is always segment_anything's ``Sam`` (SAM v1: the released ViT-B/L/H checkpoints, or a
+random one such as the tiny default's), so it always uses SAM v1's own geometry, the one those weights
+were trained with: each image of (H, W) is resized so its longest side is ``image_size`` (aspect kept:
+(h, w) = :meth:`Segmenter.input_size`, ``ops.resize_longest_side``) and zero-padded bottom/right to the
+``image_size`` square; boxes and points given here are xyxy / xy pixels of the original image, mapped
+into that frame by ``x * w / W``, ``y * h / H`` (``ResizeLongestSide.apply_coords``). Masks come back as
+SAM's low-res logits [N, 4e, 4e] (e = the embedding grid side; 256 x 256 for the real models), brought
+to each image's own size by :meth:`Segmenter.masks` / :meth:`Segmenter.mask_stats` /
+:meth:`Segmenter.mask_loss`: bilinear to the square, cropped to (h, w), bilinear to (H, W)
+(``Sam.postprocess_masks``). Same image, box and weights: the same masks as ``SamPredictor``.
+(LENS's released code uses SAM2, which squashes every image to the square instead.)
 """
 from __future__ import annotations
 
@@ -107,28 +114,37 @@ class Segmenter(nn.Module):
     def low_res_size(self) -> int:
         return 4 * self.prompt_encoder.image_embedding_size[0]
 
+    def input_size(self, original_size: Sequence[int]) -> tuple[int, int]:
+        """(h, w) of an image of ``original_size`` (H, W) inside SAM's square input (SAM v1's
+        ``ResizeLongestSide``: ``ops.resize_longest_side``); the one place the model computes it."""
+        return ops.resize_longest_side(tuple(original_size), self.image_size)
+
     def masks(self, low_res: torch.Tensor, original_size: Sequence[int], threshold: Optional[float] = 0.0) -> torch.Tensor:
-        """Low-res logits [..., 4e, 4e] -> masks [..., H, W] at ``original_size`` (bool with ``threshold``,
-        else float logits): SAM's ``postprocess_masks`` for an input squashed to the full square."""
-        side = self.image_size
-        return ops.postprocess_masks(low_res.float(), (side, side), tuple(original_size), threshold=threshold, image_size=side)
+        """Low-res logits [..., 4e, 4e] of one image -> masks [..., H, W] at its ``original_size`` (bool
+        ``logit > threshold``, or float32 logits with ``threshold=None``): ``Sam.postprocess_masks``."""
+        original_size = tuple(original_size)
+        return ops.postprocess_masks(low_res.float(), self.input_size(original_size), original_size,
+                                     threshold=threshold, image_size=self.image_size)
 
     def mask_stats(self, low_res: torch.Tensor, gt: torch.Tensor) -> ops.MaskStats:
-        """:class:`~lens_fast.ops.MaskStats` of low-res logits [..., G, 4e, 4e] (foreground: logit > 0 at the
-        ground truth's size) against ``gt`` [..., H, W], never writing the full-resolution masks."""
-        side = self.image_size
-        return ops.postprocess_mask_stats(low_res.float(), gt, (side, side), tuple(gt.shape[-2:]), image_size=side)
+        """:class:`~lens_fast.ops.MaskStats` of low-res logits [..., G, 4e, 4e] (foreground: logit > 0 after
+        ``Sam.postprocess_masks`` to the ground truth's size) against ``gt`` bool/uint8 [..., H, W] of one
+        image (H, W), never writing the full-resolution masks."""
+        original_size = tuple(gt.shape[-2:])
+        return ops.postprocess_mask_stats(low_res.float(), gt, self.input_size(original_size), original_size,
+                                          image_size=self.image_size)
 
     def mask_loss(self, low_res: torch.Tensor, gt_masks: Sequence[torch.Tensor]) -> ops.MaskLoss:
         """LENS's BCE + Dice (means over masks) of low-res logits [B, G, 4e, 4e] against B bool masks
-        [H_b, W_b] (each shared by its G masks), at the ground truth's size without writing it
-        (:func:`lens_fast.ops.mask_loss`)."""
-        side = self.image_size
-        return ops.mask_loss(low_res, list(gt_masks), (side, side), [tuple(g.shape) for g in gt_masks],
-                             image_size=side, return_parts=True)
+        [H_b, W_b] at each image's own size (each shared by its G masks), the logits brought there by
+        ``Sam.postprocess_masks`` without writing them (:func:`lens_fast.ops.mask_loss`)."""
+        sizes = [tuple(g.shape) for g in gt_masks]
+        return ops.mask_loss(low_res, list(gt_masks), [self.input_size(size) for size in sizes], sizes,
+                             image_size=self.image_size, return_parts=True)
 
     def embed_images(self, images: Sequence[np.ndarray]) -> torch.Tensor:
-        """RGB uint8 [H_i, W_i, 3] images -> image embeddings [B, C, e, e] (one encoder pass each)."""
+        """RGB uint8 [H_i, W_i, 3] images -> image embeddings [B, C, e, e] (one encoder pass each), each
+        image preprocessed as ``SamPredictor.set_image`` does (:func:`~lens_fast.model.image_processing.sam_input`)."""
         weight = self.image_encoder.patch_embed.proj.weight
         x = sam_input(images, self.image_size).to(device=weight.device, dtype=weight.dtype)
         return self.image_encoder(x)
@@ -145,7 +161,8 @@ class Segmenter(nn.Module):
 
         ``image_embeddings`` [N, C, e, e] (row i is prompt i's image); ``tokens`` [N, k, C] extra sparse
         prompt tokens (LENS's connector output); ``boxes`` [N, 4] xyxy and ``points`` [N, P, 2] xy
-        (foreground clicks) in SAM's square input frame. Single-mask output (SAM's first mask token).
+        (foreground clicks) in SAM's input frame (:meth:`to_input_frame`). Single-mask output (SAM's first
+        mask token, ``multimask_output=False``).
         """
         pe = self.prompt_encoder
         prompt_points = None
@@ -191,18 +208,27 @@ class Segmenter(nn.Module):
         for points_per_answer, rows in by_points.items():
             index = torch.tensor(rows, device=device)
             sizes = original_sizes[rows].to(device)
-            box = torch.tensor([boxes[i] for i in rows], dtype=torch.float32, device=device).view(-1, 2, 2)
+            box = torch.tensor([boxes[i] for i in rows], dtype=torch.float64, device=device).view(-1, 2, 2)
             points = None
-            if points_per_answer:
+            if points_per_answer:  # float64 until SAM's frame, then float32 (as SamPredictor)
                 xy = torch.tensor([answers[i].objects[0].points for i in rows], dtype=torch.float64) * scales[rows][:, None]
-                points = self.to_input_frame(xy.float().to(device), sizes)
-            masks, iou = self.decode(image_embeddings[index], boxes=self.to_input_frame(box, sizes).view(-1, 4), points=points)
+                points = self.to_input_frame(xy.to(device), sizes).float()
+            box = self.to_input_frame(box, sizes).view(-1, 4).float()
+            masks, iou = self.decode(image_embeddings[index], boxes=box, points=points)
             low_res[index] = masks.to(low_res.dtype)
             score[index] = iou.float()
         return low_res, score, boxes
 
     def to_input_frame(self, xy: torch.Tensor, original_sizes: torch.Tensor) -> torch.Tensor:
-        """Pixel points [N, ..., 2] (x, y) of images with (H, W) ``original_sizes`` [N, 2] -> SAM's square
-        input frame (boxes: view them as [N, 2, 2])."""
-        scale = self.image_size / original_sizes.flip(-1).to(xy.dtype)
-        return xy * scale.view(scale.shape[0], *([1] * (xy.dim() - 2)), 2)
+        """Pixel points [N, ..., 2] (x, y) of images with (H, W) ``original_sizes`` [N, 2] -> SAM's input
+        frame, in ``xy``'s dtype (boxes: view them as [N, 2, 2]): x * w / W, y * h / H with (h, w) =
+        :meth:`input_size`, computed in float64 as ``ResizeLongestSide.apply_coords``/``apply_boxes``."""
+        if xy.dim() < 2 or xy.shape[-1] != 2 or xy.shape[0] != original_sizes.shape[0]:
+            raise ValueError(f"xy must be [N, ..., 2] with N = {original_sizes.shape[0]} (original_sizes rows), "
+                             f"got shape {tuple(xy.shape)}")
+        scale = []
+        for height, width in original_sizes.tolist():
+            height_in, width_in = self.input_size((height, width))
+            scale.append((width_in / width, height_in / height))
+        scale = torch.tensor(scale, dtype=torch.float64, device=xy.device).view(len(scale), *([1] * (xy.dim() - 2)), 2)
+        return (xy.double() * scale).to(xy.dtype)

@@ -6,7 +6,7 @@ from lens_fast.ops.box_convert import box_convert
 from lens_fast.ops.box_iou import box_iou, box_iou_aligned
 from lens_fast.ops.mask_loss import MaskLoss, mask_loss
 from lens_fast.ops.mask_stats import MaskStats, mask_iou, mask_stats
-from lens_fast.ops.postprocess_masks import postprocess_mask_stats, postprocess_masks
+from lens_fast.ops.postprocess_masks import postprocess_mask_stats, postprocess_masks, resize_longest_side
 from lens_fast.ops.reward_iou import reward_iou
 from lens_fast.ops.token_logprobs import token_logprobs
 
@@ -21,6 +21,7 @@ __all__ = [
     "mask_stats",
     "postprocess_mask_stats",
     "postprocess_masks",
+    "resize_longest_side",
     "reward_iou",
     "token_logprobs",
 ]

@@ -6,7 +6,8 @@ real models), crops the valid ``input_size`` = (input_h, input_w) corner and res
 to ``original_size`` = (H, W). Here both resizes run in one pass that reads only the low-res logits:
 no ``image_size`` x ``image_size`` intermediate is written, and ``postprocess_mask_stats`` does not
 even write the H x W masks. ``input_size`` is ResizeLongestSide's aspect-preserving size
-(``int(x * image_size / max(H, W) + 0.5)``), or the whole square for an input squashed to it.
+(:func:`resize_longest_side`: ``int(x * image_size / max(H, W) + 0.5)``), or the whole square for an
+input squashed to it.
 
 This is segment_anything's (SAM v1) post-processing: resize to ``image_size``, crop, resize. It is not
 LENS's: LENS decodes with SAM2, whose post-processing is one bilinear resize of the low-res logits
@@ -54,6 +55,17 @@ def _check_size(name: str, size: object) -> tuple[int, int]:
     return pair  # type: ignore[return-value]
 
 
+def _check_image_size(image_size: object) -> int:
+    """``image_size`` (SAM's square input side) as a positive int (numpy ints too; not bool)."""
+    try:
+        size = 0 if isinstance(image_size, bool) else operator.index(image_size)  # type: ignore[arg-type]
+    except TypeError:
+        size = 0
+    if size < 1:
+        raise ValueError(f"image_size must be a positive int, got {image_size!r}")
+    return size
+
+
 def _check_geometry(
     low_res: object, input_size: object, original_size: object, image_size: object, min_dims: int,
     name: str = "low_res",
@@ -66,13 +78,7 @@ def _check_geometry(
         raise ValueError(f"{name} must be {want} (at least {min_dims} dims), got shape {tuple(low_res.shape)}")
     if min(low_res.shape[-2:]) < 1:
         raise ValueError(f"{name} must have h, w >= 1, got shape {tuple(low_res.shape)}")
-    try:
-        size = 0 if isinstance(image_size, bool) else operator.index(image_size)  # type: ignore[arg-type]
-    except TypeError:
-        size = 0
-    if size < 1:
-        raise ValueError(f"image_size must be a positive int, got {image_size!r}")
-    image_size = size
+    image_size = _check_image_size(image_size)
     input_size = _check_size("input_size", input_size)
     original_size = _check_size("original_size", original_size)
     if max(input_size) > image_size:
@@ -80,6 +86,21 @@ def _check_geometry(
     if original_size[0] * original_size[1] >= _INT32_LIMIT:
         raise ValueError(f"original_size {original_size} has 2**31 pixels or more")
     return low_res, input_size, original_size, image_size
+
+
+def resize_longest_side(original_size: Sequence[int], image_size: int = 1024) -> tuple[int, int]:
+    """SAM v1's input geometry: the (h, w) an image of ``original_size`` (H, W) takes inside SAM's
+    ``image_size`` x ``image_size`` input, its longest side scaled to ``image_size``, aspect kept, each
+    side rounded half up (at least 1: an aspect beyond 2 * ``image_size`` would round a side to 0); the
+    rest of the square is zero padding at the bottom and right.
+
+    segment_anything's ``ResizeLongestSide.get_preprocess_shape`` (same arithmetic, same rounding): the
+    ``input_size`` of :func:`postprocess_masks`, :func:`postprocess_mask_stats` and ``ops.mask_loss``
+    for an image preprocessed as ``SamPredictor`` does. TypeError / ValueError naming the argument.
+    """
+    height, width = _check_size("original_size", original_size)
+    scale = _check_image_size(image_size) * 1.0 / max(height, width)
+    return max(1, int(height * scale + 0.5)), max(1, int(width * scale + 0.5))
 
 
 def _masks_3d(low_res: torch.Tensor) -> torch.Tensor:
