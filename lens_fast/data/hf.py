@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import math
 import re
 import threading
@@ -73,6 +74,7 @@ DATA_EXTRA = "the Hugging Face forms need the 'data' extra: pip install -e \".[d
 _ROW_GROUP_CACHE = 2
 _IMAGE_CACHE = 4
 _MASK_CACHE = 64
+log = logging.getLogger("lens_fast.data")
 
 
 class BadRowError(ValueError):
@@ -100,9 +102,8 @@ class ArrowRows:
         sizes = [self._size(p) for p in self.parts]
         self.starts = np.cumsum([0] + sizes).tolist()
         first = self.parts[0] if self.parts else None
-        self.column_names: List[str] = (
-            [] if first is None else list(first.column_names if not isinstance(first, tuple) else first[0].schema_arrow.names)
-        )
+        schema = first[0].schema_arrow if isinstance(first, tuple) else getattr(first, "schema", None)
+        self.column_names: List[str] = list(schema.names) if schema is not None else []
         self._cache: "OrderedDict[int, Any]" = OrderedDict()
         self._lock = threading.Lock()
 
@@ -329,9 +330,9 @@ class HfRefDataset(torch.utils.data.Dataset):
         if not self._items:
             raise ValueError(f"{self.rows.where}: no usable samples for split {split!r} (excluded: {dict(self.excluded)})")
         expected = STANDARD_REFS.get((dataset, split))
-        rows = len({r for r, _, _ in self._items}) + sum(self.excluded.values())
-        if expected is not None and rows != expected:
-            self.notes.append(f"{self.source} {split!r} has {rows} refs; refer's standard {dataset} {split} has "
+        refs = len({r for r, _, _ in self._items}) + sum(self.excluded.values())
+        if expected is not None and refs != expected:
+            self.notes.append(f"{self.source} {split!r} has {refs} refs; refer's standard {dataset} {split} has "
                               f"{expected}: not the standard split, scores are not comparable to published ones")
         if self.bad_rows:
             row, reason = next(iter(self.bad_rows.items()))
@@ -355,13 +356,13 @@ class HfRefDataset(torch.utils.data.Dataset):
     def _index_jxu124(self) -> None:
         names = ["ref_id", "image_id", "sentences", "raw_anns", "raw_image_info"]
         cols = self.rows.columns(names + (["split"] if "split" in self.rows.column_names else []))
-        present = set(cols.get("split", []))
-        if present and self.split not in present:
+        present, wanted = set(cols.get("split", [])), {self.split, *SPLIT_ALIASES.get(self.split, ())}
+        if present and not present & wanted:
             raise ValueError(f"{self.rows.where}: its rows' split column holds {sorted(present)}, not {self.split!r}")
         # row -> (bbox xywh, height, width, file_name, ref_id, image_id, [(sent_id, text)]); polygons stay on disk
         self._refs: Dict[int, Tuple[List[float], int, int, str, int, int, List[Tuple[int, str]]]] = {}
         for row, sentences in enumerate(cols["sentences"]):
-            if present and cols["split"][row] != self.split:
+            if present and cols["split"][row] not in wanted:
                 continue
             try:
                 ann, info = json.loads(cols["raw_anns"][row]), json.loads(cols["raw_image_info"][row])
@@ -385,7 +386,8 @@ class HfRefDataset(torch.utils.data.Dataset):
                 self._items += [(row, k, sent_id) for k, (sent_id, _) in enumerate(texts)]
 
     def _index_lmms(self) -> None:
-        cols = self.rows.columns(["answer", "segmentation", "bbox"] + (["iscrowd"] if "iscrowd" in self.rows.column_names else []))
+        crowd_column = ["iscrowd"] if "iscrowd" in self.rows.column_names else []
+        cols = self.rows.columns(["answer", "segmentation", "bbox"] + crowd_column)
         crowd = cols.get("iscrowd") or [0] * len(cols["answer"])
         position = 0
         for row, answers in enumerate(cols["answer"]):
@@ -439,8 +441,8 @@ class HfRefDataset(torch.utils.data.Dataset):
         bbox, height, width, file_name, ref_id, image_id, texts = self._refs[row]
         if k < 0:
             k = int(torch.randint(len(texts), ()).item())
-        segmentation = lambda: json.loads(self._cell(self.rows.row(row), "raw_anns"))["segmentation"]  # noqa: E731
-        mask = _cached(self._mask_cache, row, _MASK_CACHE, lambda: self._mask_from(row, segmentation(), height, width))
+        mask = _cached(self._mask_cache, row, _MASK_CACHE, lambda: self._mask_from(
+            row, json.loads(self._cell(self.rows.row(row), "raw_anns"))["segmentation"], height, width))
         return RefSample(image=None, expression=texts[k][1], mask=mask.copy(), box=coco_box(bbox),
                          sent_id=texts[k][0], ref_id=ref_id, image_id=image_id, file_name=file_name)
 
@@ -491,7 +493,8 @@ class HfRefDataset(torch.utils.data.Dataset):
         def read() -> np.ndarray:
             if self.form == "jxu124":
                 _, height, width, file_name, _, _, _ = self._refs[row]
-                return read_image(self.image_root / file_name, height, width, name=f"{self.image_root / file_name} ({self._name(row)})")
+                path = self.image_root / file_name
+                return read_image(path, height, width, name=f"{path} ({self._name(row)})")
             return read_image(_image_file(self._cell(self.rows.row(row), "image"), self._name(row)), name=self._name(row))
 
         return _cached(self._image_cache, row, _IMAGE_CACHE, read).copy()
@@ -500,8 +503,8 @@ class HfRefDataset(torch.utils.data.Dataset):
         sample = self.target(index)
         sample.image = self.load_image(index)
         if sample.image.shape[:2] != sample.mask.shape:
-            raise BadRowError(f"{self._name(self._items[index][0])}: its image is {sample.image.shape[:2]} (HxW), "
-                              f"its mask {sample.mask.shape}")
+            (h, w), (mh, mw) = sample.image.shape[:2], sample.mask.shape
+            raise ImageLoadError(f"image of {self._name(self._items[index][0])} is {h}x{w} (HxW); its mask is {mh}x{mw}")
         return sample
 
     def __getitem__(self, index: int) -> RefSample:
@@ -515,4 +518,5 @@ class HfRefDataset(torch.utils.data.Dataset):
                 return self._sample(j)
             except (ImageLoadError, BadRowError) as error:
                 self.bad_rows[self._items[j][0]] = str(error)
+                log.warning("skipping a bad row (%d so far): %s", len(self.bad_rows), error)
         raise ValueError(f"{self.rows.where}: every row is bad, e.g. {next(iter(self.bad_rows.values()))}")
