@@ -122,6 +122,7 @@ class LensModel(nn.Module):
             self.connector = Connector(
                 config.num_queries, hidden, sam.prompt_embed_dim, config.connector_depth,
                 config.connector_heads, config.connector_mlp_ratio,
+                linear_init_std=policy.model.config.get_text_config().initializer_range,  # as LENS's post_init
             )
         vision = policy.model.config.vision_config
         self.patching = QwenPatchConfig(
@@ -311,8 +312,9 @@ class LensModel(nn.Module):
     def predict(
         self, images: ImageBatch, expressions: Sequence[str], max_new_tokens: Optional[int] = None
     ) -> tuple[list[str], torch.Tensor, torch.Tensor, list[Optional[tuple]]]:
-        """Greedy answers and their masks: (texts, low-res logits [B, 4e, 4e] of the images squashed to
-        SAM's ``image_size``, SAM's predicted IoU [B], boxes in original pixels or None)."""
+        """Greedy answers and their masks: (texts, low-res logits [B, 4e, 4e] in SAM v1's padded frame
+        (``segmenter.masks`` brings them to each image's size), SAM's predicted IoU [B], boxes in original
+        pixels or None)."""
         prompts = self.tokenize_prompts(images, expressions)
         cache = self.encode(images)
         completions = self.generate(prompts, cache, max_new_tokens=max_new_tokens or self.config.max_new_tokens, temperature=0.0)
