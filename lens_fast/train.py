@@ -220,7 +220,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    world = init_world(config.device, config.sharding)
+    world = init_world(config.device, config.sharding, config.dist_timeout_minutes)
     if world.is_main:  # the model layer logs its choices (attention implementation, ...)
         logging.basicConfig(format="%(name)s: %(message)s")
         logging.getLogger("lens_fast").setLevel(logging.INFO)
@@ -255,7 +255,8 @@ def train(config: TrainConfig, world: World) -> int:
         (output_dir / "config.json").write_text(json.dumps(config_dict, indent=2) + "\n")
 
     # ---- data, model, trainer state --------------------------------------------------------------------
-    torch.set_num_threads(config.threads)
+    if config.threads:  # 0: torch's own choice (OMP_NUM_THREADS when set, else the cores), left alone
+        torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
     train_set, val_set, val_full = build_datasets(config)
     model = build_model(config, world.device, resume_from if resume_from is not None and not is_sharded(resume_from) else None)
@@ -451,7 +452,7 @@ def score(run: Run, stage: Stage, r: Rollout) -> None:
     tick = time.time()
     low_res = torch.cat([low for _, low in outputs]).detach()
     r.scores = score_rollout(run.config, run.model, r.texts, low_res, r.gt_masks, r.gt_boxes, r.images.policy_sizes,
-                             r.images.original_sizes, stage.group)
+                             r.images.original_sizes, stage.group, world=run.world)
     r.times["time/reward"] = time.time() - tick
 
 
@@ -544,17 +545,15 @@ def step_record(run: Run, stage: Stage, step: int, scheduler: torch.optim.lr_sch
 def evaluate(run: Run, state: TrainerState, after: str, val_set, val_full, log: Optional[MetricsLog]) -> None:
     """Held-out validation of the model as it is ``after`` a point of the run, recorded in ``state.val``."""
     config, world = run.config, run.world
-    with gathered(run.model):  # FSDP2: every process all-gathers the parameters, process 0 validates
-        if world.is_main:
-            with run.autocast():
-                entry = {"after": after, "step": state.step,
-                         **validate(run.model, val_set, size=config.val_size, batch_size=config.val_batch_size)}
-                if val_full is not None:
-                    entry["full"] = validate(run.model, val_full, size=config.val_size, batch_size=config.val_batch_size)
-            state.val.append(entry)
-            print(f"val after {after}: " + ", ".join(f"{k} {v:.3f}" for k, v in entry.items() if isinstance(v, float)), flush=True)
-            log_validation(log, entry)
-        world.barrier()
+    with gathered(run.model), run.autocast():  # FSDP2: every process all-gathers the parameters; each validates its share
+        entry = {"after": after, "step": state.step,
+                 **validate(run.model, val_set, size=config.val_size, batch_size=config.val_batch_size, world=world)}
+        if val_full is not None:
+            entry["full"] = validate(run.model, val_full, size=config.val_size, batch_size=config.val_batch_size, world=world)
+    state.val.append(entry)  # every process: the same figures
+    if world.is_main:
+        print(f"val after {after}: " + ", ".join(f"{k} {v:.3f}" for k, v in entry.items() if isinstance(v, float)), flush=True)
+        log_validation(log, entry)
 
 
 def log_validation(log: MetricsLog, entry: dict) -> None:
@@ -600,13 +599,14 @@ def reference_logprobs(reference: LensModel, prompts: PromptBatch, cache: ImageC
 
 def score_rollout(config: TrainConfig, model: LensModel, texts: Sequence[str], low_res: torch.Tensor,
                   gt_masks: Sequence[torch.Tensor], gt_boxes: torch.Tensor, policy_sizes: torch.Tensor,
-                  original_sizes: torch.Tensor, group: int) -> dict[str, torch.Tensor]:
+                  original_sizes: torch.Tensor, group: int, world: Optional[World] = None) -> dict[str, torch.Tensor]:
     """Rewards and advantages of n = B * G rows (whole groups; ``low_res`` [n, 4e, 4e] their masks):
     ``total``, each reward component, ``mask_iou`` and ``advantage``, float [n] on the CPU."""
     mask_iou = mask_iou_from_low_res(model.segmenter, low_res, gt_masks)
     rewards = rollout_rewards(config.reward, texts, mask_iou, gt_masks, gt_boxes, policy_sizes, original_sizes,
                               cot=config.prompt_style == "cot")
-    advantages = grpo.advantages(rewards.components, group, scale=config.scale_rewards, aggregation=config.reward_aggregation)
+    advantages = grpo.advantages(rewards.components, group, scale=config.scale_rewards, aggregation=config.reward_aggregation,
+                                 world=world)
     return {"total": rewards.reward, **rewards.components, "mask_iou": mask_iou.cpu(), "advantage": advantages}
 
 
