@@ -28,8 +28,7 @@ SIZES = [(480, 640), (1024, 1024)]
 
 def input_size(original_size: tuple[int, int]) -> tuple[int, int]:
     """ResizeLongestSide's size of the image inside SAM's square input."""
-    scale = IMAGE_SIZE / max(original_size)
-    return tuple(int(v * scale + 0.5) for v in original_size)
+    return ops.resize_longest_side(original_size, IMAGE_SIZE)
 
 
 def blobs(n: int, height: int, width: int, generator: torch.Generator) -> torch.Tensor:

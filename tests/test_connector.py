@@ -48,7 +48,8 @@ def test_forward_is_lens_layout():
     connector = Connector(num_queries=6, hidden_size=32, prompt_dim=16, depth=2, heads=4)
     with torch.no_grad():  # every parameter non-trivial, so that each one's place in the layout is checked
         for name, param in connector.named_parameters():
-            param.copy_(torch.randn_like(param) * 0.3 + (1.0 if name.endswith("norm1.weight") or name.endswith("norm2.weight") else 0.0))
+            is_norm_weight = name.endswith(("norm1.weight", "norm2.weight"))
+            param.copy_(torch.randn_like(param) * 0.3 + (1.0 if is_norm_weight else 0.0))
     states = torch.randn(3, 6, 32)
     out = connector(states)
     assert out.shape == (3, 1, 16) and out.dtype == torch.float32

@@ -160,8 +160,7 @@ def test_cuda_matches_reference_at_full_size(original_size):
     torch.manual_seed(0)
     low = (torch.randn(2, 8, 256, 256, device="cuda") * 4).requires_grad_()
     gt = torch.rand(2, *original_size, device="cuda") < 0.4
-    scale = 1024 / max(original_size)
-    input_size = tuple(int(v * scale + 0.5) for v in original_size)
+    input_size = ops.resize_longest_side(original_size, 1024)
     up = torch.rand(2, 8, device="cuda")
     ours = lambda: ops.mask_loss(low, gt, input_size, original_size, reduction="none")  # noqa: E731
     ref = lambda: reference(low, gt.unsqueeze(1), input_size, original_size, 1024)  # noqa: E731

@@ -15,15 +15,16 @@ from lens_fast.ops.mask_stats import mask_stats_torch
 from lens_fast.ops.postprocess_masks import postprocess_mask_stats, postprocess_masks
 
 Sam = pytest.importorskip("segment_anything.modeling").Sam  # the reference of every test here
+ResizeLongestSide = pytest.importorskip("segment_anything.utils.transforms").ResizeLongestSide
 
 BACKENDS = ["cpu", "triton", "torch"]
 NEAR = 1e-5  # |reference logit - threshold| below which rounding order may flip a pixel
 
 
 def resize_longest_side(height: int, width: int, image_size: int) -> tuple[int, int]:
-    """segment_anything's ResizeLongestSide.get_preprocess_shape."""
-    scale = image_size / max(height, width)
-    return int(height * scale + 0.5), int(width * scale + 0.5)
+    """segment_anything's own SAM v1 input size (``ops.resize_longest_side`` is tested equal to it in
+    tests/test_segmenter.py)."""
+    return ResizeLongestSide.get_preprocess_shape(height, width, image_size)
 
 
 def sam_reference(low_res, input_size, original_size, image_size):

@@ -47,6 +47,11 @@ def scene(height, width, seed=0):
     return np.clip(image + rng.integers(-20, 21, image.shape), 0, 255).astype(np.uint8)
 
 
+def sam_postprocess(predictor, low_res):
+    """``Sam.postprocess_masks`` of SamPredictor's low-res logits [1, h, w] for its image -> [H, W]."""
+    return predictor.model.postprocess_masks(torch.as_tensor(low_res)[None], predictor.input_size, predictor.original_size)[0, 0]
+
+
 def assert_masks_match(mask, ref_logits):
     """bool ``mask`` equals ``ref_logits > 0`` except where the reference logit is within NEAR of 0."""
     assert mask.shape == ref_logits.shape
@@ -90,7 +95,7 @@ def test_box_prompt_gives_sam_predictors_masks(sams, size):
     with torch.no_grad():
         predictor.set_image(image)
         _, ref_iou, ref_low = predictor.predict(box=box, multimask_output=False)
-        ref_logits = predictor.model.postprocess_masks(torch.as_tensor(ref_low)[None], predictor.input_size, (height, width))[0, 0]
+        ref_logits = sam_postprocess(predictor, ref_low)
         embedding = segmenter.embed_images([image])
         torch.testing.assert_close(embedding, predictor.features, rtol=0, atol=0)
         sizes = torch.tensor([[height, width]])
@@ -116,7 +121,7 @@ def test_answer_segmenter_gives_sam_predictors_masks(sams):
         predictor.set_image(image)
         _, _, ref_low = predictor.predict(point_coords=np.array([[60.0, 45.0]]), point_labels=np.array([1]),
                                           box=np.array([20.0, 15.0, 100.0, 75.0]), multimask_output=False)
-        ref_logits = predictor.model.postprocess_masks(torch.as_tensor(ref_low)[None], predictor.input_size, (height, width))[0, 0]
+        ref_logits = sam_postprocess(predictor, ref_low)
     assert 0 < mask.mean() < 1
     assert_masks_match(torch.from_numpy(mask), ref_logits)
 
