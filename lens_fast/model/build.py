@@ -31,7 +31,7 @@ log = logging.getLogger("lens_fast.model")
 
 CONFIG_FILE = "lens_config.json"
 WEIGHTS_FILE = "model.safetensors"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: SAM v1's padded input geometry; LENS's connector (position embedding, no final norm)
 SAM_TYPES = ("vit_b", "vit_l", "vit_h")
 
 
