@@ -51,12 +51,13 @@ class Stop(Exception):
 def build_datasets(config: TrainConfig):
     """(train, val, val_full or None): val_full is the full-difficulty synthetic val split, reported
     when training uses an easier scene configuration."""
-    if config.data == "refcoco":
-        from lens_fast.data import RefCocoDataset
+    if config.data in ("refcoco", "hf"):
+        from lens_fast.data import build_ref_datasets
 
-        kwargs = dict(split_by=config.split_by or None, image_root=config.image_root or None)
-        return (RefCocoDataset(config.data_root, config.dataset, "train", mode="train", **kwargs),
-                RefCocoDataset(config.data_root, config.dataset, config.val_split, mode="eval", **kwargs), None)
+        train, val = build_ref_datasets(config.data, config.data_root, config.dataset, config.val_split,
+                                        split_by=config.split_by or None, image_root=config.image_root or None,
+                                        skip_bad_rows=config.skip_bad_rows)
+        return train, val, None
     easy = SyntheticConfig(kinds=config.synthetic_kinds, min_radius=config.synthetic_min_radius,
                            max_radius=config.synthetic_max_radius, max_objects=config.synthetic_max_objects)
     train = SyntheticRefDataset("train", size=10**9, seed=config.seed, config=easy)

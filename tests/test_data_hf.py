@@ -247,3 +247,22 @@ def test_missing_extra_is_named(forms, monkeypatch, capsys):
         open_source(forms["lmms"])
     code = main(["--data", "hf", "--data-root", str(forms["jxu124_disk"]), "--split", "val", "--predictions", "p.json"])
     assert code == 2 and "pip install -e \".[data]\"" in capsys.readouterr().err
+
+
+def test_the_trainer_trains_and_validates_on_the_jxu124_form(forms, tmp_path):
+    """``python -m lens_fast.train --data hf``: the trainer's datasets are the Hugging Face form's, and a short
+    run of both stages validates on its val split."""
+    from lens_fast import train
+    from lens_fast.training.config import TrainConfig
+
+    options = dict(data="hf", data_root=str(forms["jxu124"]), image_root=str(forms["image_root"]), dataset="refcoco")
+    train_set, val_set, full = train.build_datasets(TrainConfig(**options))
+    assert isinstance(train_set, HfRefDataset) and isinstance(val_set, HfRefDataset) and full is None
+    assert (train_set.mode, val_set.mode, val_set.sent_ids) == ("train", "eval", [100, 101, 102, 103, 104, 105])
+    argv = [f"--{k.replace('_', '-')}={v}" for k, v in options.items()]
+    code = train.main([*argv, "--output-dir", str(tmp_path), "--stage1-steps", "2", "--stage2-steps", "1", "--val-size", "6",
+                       "--val-batch-size", "6", "--stage1-batch-size", "2", "--batch-size", "2", "--num-generations", "2",
+                       "--max-new-tokens", "8", "--progress", "false"])
+    assert code == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert [v["after"] for v in summary["val"]] == ["start", "stage1", "stage2"]
