@@ -3,9 +3,9 @@
 Qwen2.5-VL (as ``Qwen2VLImageProcessor``): resize (bicubic) so both sides are multiples of
 ``patch_size * merge_size`` with the pixel count in ``[min_pixels, max_pixels]``, scale to [0, 1],
 CLIP mean/std, then flatten into ``grid_h * grid_w`` patches of ``3 * temporal_patch_size *
-patch_size^2`` values, ordered by merge window. SAM: SAM v1's own preprocessing (segment_anything's
-``SamPredictor.set_image``): longest side resized to ``image_size`` with the aspect kept
-(``ops.resize_longest_side``), ImageNet mean/std in 0-255 units, zero-padded bottom/right to a square.
+patch_size^2`` values, ordered by merge window. SAM: as segment_anything's ``SamPredictor.set_image``,
+each image resized to its input size inside SAM's square (``Segmenter.input_size``: SAM v1's longest
+side, or the whole square), ImageNet mean/std in 0-255 units, zero-padded bottom/right to the square.
 """
 from __future__ import annotations
 
@@ -17,8 +17,6 @@ from typing import Sequence, Union
 import numpy as np
 import torch
 from PIL import Image
-
-from lens_fast.ops import resize_longest_side
 
 ImageLike = Union[Image.Image, np.ndarray, str, PathLike]
 
@@ -100,17 +98,20 @@ def qwen_patches(image: np.ndarray, config: QwenPatchConfig) -> tuple[torch.Tens
     return x.reshape(gh * gw, 3 * t * p * p).contiguous(), (1, gh, gw), (height, width)
 
 
-def sam_input(images: Sequence[np.ndarray], image_size: int) -> torch.Tensor:
-    """RGB uint8 [H_i, W_i, 3] images -> float32 [B, 3, S, S], S = ``image_size``: SAM v1's preprocessing,
-    as ``SamPredictor.set_image`` does it. Each image is resized on its uint8 pixels with PIL's bilinear
-    filter (``ResizeLongestSide.apply_image``) to (h_i, w_i) = ``ops.resize_longest_side((H_i, W_i), S)``,
-    normalised by SAM's pixel mean/std (``Sam.preprocess``) and placed in the top-left corner; the
-    bottom/right padding is 0 (after normalisation, as SAM pads)."""
+def sam_input(images: Sequence[np.ndarray], input_sizes: Sequence[tuple[int, int]], image_size: int) -> torch.Tensor:
+    """RGB uint8 [H_i, W_i, 3] images -> float32 [B, 3, S, S], S = ``image_size``, as ``SamPredictor.set_image``
+    prepares an image: each resized on its uint8 pixels with PIL's bilinear filter
+    (``ResizeLongestSide.apply_image``) to its (h_i, w_i) in ``input_sizes`` (h_i, w_i <= S; SAM v1:
+    ``ops.resize_longest_side``), normalised by SAM's pixel mean/std (``Sam.preprocess``) and placed in
+    the top-left corner; the bottom/right padding is 0 (after normalisation, as SAM pads)."""
+    if len(input_sizes) != len(images):
+        raise ValueError(f"input_sizes must hold one (h, w) per image: {len(images)} images, {len(input_sizes)} sizes")
     mean = torch.tensor(SAM_PIXEL_MEAN).view(3, 1, 1)
     std = torch.tensor(SAM_PIXEL_STD).view(3, 1, 1)
     out = torch.zeros(len(images), 3, image_size, image_size)
-    for i, image in enumerate(images):
-        height, width = resize_longest_side(image.shape[:2], image_size)
+    for i, (image, (height, width)) in enumerate(zip(images, input_sizes)):
+        if not (0 < height <= image_size and 0 < width <= image_size):
+            raise ValueError(f"input_sizes[{i}] = {(height, width)} must fit in the {image_size} x {image_size} input")
         resized = np.asarray(Image.fromarray(image).resize((width, height), Image.BILINEAR))
         x = torch.from_numpy(resized.copy()).permute(2, 0, 1).float()
         out[i, :, :height, :width] = (x - mean) / std
