@@ -342,8 +342,8 @@ def test_prompts_mode_feeds_the_parsed_box_to_sam(prompts_model, monkeypatch):
     sx, sy = 120 / w, 90 / h
     assert boxes[0] == pytest.approx((10 * sx, 20 * sy, 60 * sx, 80 * sy))
     assert boxes[2] is None
-    h_in, w_in = 256, 256  # the tiny SAM's frame: the image squashed to its 256 x 256 input
-    assert model.segmenter.input_geometry == "square" and model.segmenter.input_size((90, 120)) == (h_in, w_in)
+    h_in, w_in = 192, 256  # SAM v1's frame: the longest side (120) to image_size 256, aspect kept, padded
+    assert model.segmenter.image_size == 256 and model.segmenter.input_size((90, 120)) == (h_in, w_in)
     fed = torch.cat([p["boxes"] for p in seen])
     want = torch.tensor([[10 * sx * w_in / 120, 20 * sy * h_in / 90, 60 * sx * w_in / 120, 80 * sy * h_in / 90],
                          [50 * sx * w_in / 120, 5 * sy * h_in / 90, 110 * sx * w_in / 120, 100 * sy * h_in / 90]])
@@ -363,7 +363,7 @@ def test_save_and_load_round_trip(model, tmp_path):
     model.save_pretrained(tmp_path / "ckpt")
     assert {p.name for p in (tmp_path / "ckpt").iterdir()} >= {"lens_config.json", "model.safetensors", "tokenizer.json"}
     loaded = LensModel.from_pretrained(tmp_path / "ckpt").eval()
-    assert loaded.config == model.config and loaded.segmenter.input_geometry == "square"
+    assert loaded.config == model.config
     for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
         assert torch.equal(a, b), name
     images = pictures(10, ((50, 70), (31, 90)))
@@ -396,7 +396,6 @@ def test_from_components_on_released_formats(model, tmp_path):
     for sam_type in (TINY_SAM, dataclasses.asdict(TINY_SAM)):
         loaded = from_components(qwen_dir, sam_path, sam_type, num_queries=4, connector_depth=1, connector_heads=4)
         assert loaded.config.sam_config == TINY_SAM and loaded.config.num_queries == 4
-        assert loaded.segmenter.input_geometry == "longest_side"  # released SAM v1 weights: SAM v1's geometry
         for name, value in model.policy.model.state_dict().items():
             assert torch.equal(loaded.policy.model.state_dict()[name], value), name
         assert torch.equal(loaded.segmenter.image_encoder.patch_embed.proj.weight, sam_state["image_encoder.patch_embed.proj.weight"])

@@ -1,21 +1,17 @@
-"""With SAM v1's geometry (``input_geometry="longest_side"``, the default and the released weights') the
-segmenter follows segment_anything's ``SamPredictor``: longest side resized to SAM's input size with the
-aspect kept, zero-padded to the square, boxes and points through ``ResizeLongestSide.apply_coords``,
-masks cropped back before the final resize. Checked against ``SamPredictor`` itself on a tiny random SAM
-and non-square images, and the training paths (mask loss, mask statistics, the reward's mask IoU)
-against ``Sam.postprocess_masks`` in the padded frame. The ``square`` geometry (the tiny default's)
-squashes instead."""
+"""The segmenter follows SAM v1's own geometry (segment_anything's ``SamPredictor``): longest side resized
+to SAM's input size with the aspect kept, zero-padded to the square, boxes and points through
+``ResizeLongestSide.apply_coords``, masks cropped back before the final resize. Checked against
+``SamPredictor`` itself on a tiny random SAM and non-square images, and the training paths (mask loss,
+mask statistics, the reward's mask IoU) against ``Sam.postprocess_masks`` in the padded frame."""
 import copy
-import dataclasses
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from lens_fast import ops
-from lens_fast.model import SamConfig, build_tiny_tokenizer, tiny_config
+from lens_fast.model import build_tiny_tokenizer, tiny_config
 from lens_fast.model.answer_segmenter import AnswerSegmenter
 from lens_fast.model.image_processing import sam_input
 from lens_fast.model.segmenter import Segmenter, build_sam
@@ -32,19 +28,13 @@ NEAR = 1e-4  # |reference logit| below which float32 rounding (the fused decoder
 SIZES = [(90, 150), (150, 90), (77, 33)]  # landscape, portrait, odd sides
 
 
-def tiny_sam_config(input_geometry: str) -> SamConfig:
-    return dataclasses.replace(tiny_config(build_tiny_tokenizer()).sam_config, input_geometry=input_geometry)
-
-
 @pytest.fixture(scope="module")
 def sams():
-    """(our Segmenter, SamPredictor) over the same tiny random SAM v1 weights (the tiny default's sizes),
-    in SAM v1's geometry."""
+    """(our Segmenter, SamPredictor) over the same tiny random SAM v1 weights (the tiny default's sizes)."""
     torch.manual_seed(0)
-    config = tiny_sam_config("longest_side")
-    sam = build_sam(config).eval()
+    sam = build_sam(tiny_config(build_tiny_tokenizer()).sam_config).eval()
     predictor = SamPredictor(copy.deepcopy(sam))  # Segmenter fuses its mask decoder in place
-    return Segmenter(sam, config.input_geometry).eval(), predictor
+    return Segmenter(sam).eval(), predictor
 
 
 def scene(height, width, seed=0):
@@ -180,32 +170,8 @@ def test_to_input_frame_rejects_bad_shapes(sams):
         segmenter.to_input_frame(torch.zeros(3, 2), torch.tensor([[4, 5], [6, 7]]))
 
 
-def test_square_geometry_squashes(sams):
-    """``square`` (the tiny default, a SAM trained from scratch): the whole square is the image's frame."""
-    _, predictor = sams
-    torch.manual_seed(0)
-    segmenter = Segmenter(build_sam(tiny_sam_config("square")), "square").eval()
-    side = segmenter.image_size
-    height, width = 90, 150
-    image = scene(height, width)
-    assert segmenter.input_size((height, width)) == (side, side)
-    x = sam_input([image], [(side, side)], side)
-    squashed = np.asarray(Image.fromarray(image).resize((side, side), Image.BILINEAR))
-    assert torch.equal(x, predictor.model.preprocess(torch.from_numpy(squashed.copy()).permute(2, 0, 1)[None].float()))
-    frame = segmenter.to_input_frame(torch.tensor([[[15.0, 9.0], [75.0, 45.0]]]), torch.tensor([[height, width]]))
-    torch.testing.assert_close(frame, torch.tensor([[[15.0 * side / width, 9.0 * side / height],
-                                                     [75.0 * side / width, 45.0 * side / height]]]))
-    low_res = torch.randn(2, segmenter.low_res_size, segmenter.low_res_size) * 4
-    ref = predictor.model.postprocess_masks(low_res[None], (side, side), (height, width))[0]
-    assert_masks_match(segmenter.masks(low_res, (height, width)), ref)
-
-
-def test_geometry_is_part_of_the_sam_config():
-    assert SamConfig().input_geometry == "longest_side"  # the released SAM v1 sizes
-    assert tiny_config(build_tiny_tokenizer()).sam_config.input_geometry == "square"
-    with pytest.raises(ValueError, match="input_geometry must be one of"):
-        SamConfig(input_geometry="pad")
-    with pytest.raises(ValueError, match="input_geometry must be one of"):
-        Segmenter(build_sam(tiny_sam_config("square")), "squash")
-    with pytest.raises(ValueError, match="input_sizes"):
+def test_sam_input_rejects_sizes_that_do_not_fit():
+    with pytest.raises(ValueError, match="input_sizes must hold one"):
+        sam_input([scene(9, 15)], [], 256)
+    with pytest.raises(ValueError, match=r"input_sizes\[0\] = \(9, 300\) must fit"):
         sam_input([scene(9, 15)], [(9, 300)], 256)

@@ -101,16 +101,13 @@ def build_lens(config: LensConfig, tokenizer, *, device: Union[str, torch.device
     attention = attention_implementation(device if str(device) != "meta" else "cpu")
     with torch.device(device):
         qwen = Qwen2_5_VLForConditionalGeneration(_qwen_config(config.qwen, attention))
-        sam = config.sam_config
-        model = LensModel(config, Policy(qwen, tokenizer), Segmenter(build_sam(sam), sam.input_geometry))
+        model = LensModel(config, Policy(qwen, tokenizer), Segmenter(build_sam(config.sam_config)))
     return model.to(dtype or default_dtype(device)) if str(device) != "meta" else model
 
 
 def tiny_config(tokenizer, **overrides: Any) -> LensConfig:
     """The tiny LENS: Qwen2.5-VL text 64 x 2 layers, vision 32 x depth 2 at <= 168^2 pixels; SAM at 256 px
-    with a 32-d prompt space, images squashed to its square (``input_geometry="square"``: this SAM trains
-    from scratch, and at 256 px SAM v1's padding cost it 0.594 -> 0.46 val gIoU after 800 stage-1 steps of
-    the synthetic default); 16 queries, one connector block. ``overrides``: LensConfig fields."""
+    with a 32-d prompt space; 16 queries, one connector block. ``overrides``: LensConfig fields."""
     ids = special_token_ids(tokenizer)
     text = dict(
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -132,7 +129,7 @@ def tiny_config(tokenizer, **overrides: Any) -> LensConfig:
     sam = SamConfig(
         image_size=256, patch_size=16, encoder_embed_dim=48, encoder_depth=2, encoder_num_heads=2,
         encoder_global_attn_indexes=(1,), window_size=4, use_rel_pos=True, prompt_embed_dim=32, mask_in_chans=4,
-        decoder_depth=2, decoder_mlp_dim=64, decoder_num_heads=2, iou_head_hidden_dim=32, input_geometry="square",
+        decoder_depth=2, decoder_mlp_dim=64, decoder_num_heads=2, iou_head_hidden_dim=32,
     )
     values = dict(
         qwen=qwen, sam=dataclasses.asdict(sam), num_queries=16, connector_depth=1, connector_heads=4,
@@ -280,5 +277,5 @@ def from_components(
     except RuntimeError as error:
         name = sam_type if isinstance(sam_type, str) else "checkpoint of the given config"
         raise ValueError(f"{sam_checkpoint} is not a SAM {name}: {error}") from None
-    model = LensModel(config, Policy(qwen, tokenizer), Segmenter(sam, config.sam_config.input_geometry))
+    model = LensModel(config, Policy(qwen, tokenizer), Segmenter(sam))
     return model.to(device=device, dtype=dtype)

@@ -12,13 +12,6 @@ from typing import Tuple
 
 from lens_fast.model.prompts import check_style
 
-INPUT_GEOMETRIES = ("longest_side", "square")
-"""How images enter SAM (``SamConfig.input_geometry``). ``longest_side``: SAM v1's own preprocessing, the
-geometry the released SAM v1 weights were trained with (segment_anything's ``ResizeLongestSide``: longest
-side to ``image_size``, aspect kept, zero-padded bottom/right; masks cropped back before the final
-resize). ``square``: each image squashed to ``image_size`` x ``image_size`` (aspect not kept), as SAM2 and
-LENS's released code feed it; for a SAM trained from scratch in that geometry (the tiny default)."""
-
 MODES = ("queries", "prompts")
 """``queries``: LENS (the connector's token prompts SAM; SAM's decoder trains). ``prompts``: Seg-Zero
 (a frozen SAM prompted with the box and points parsed from the policy's answer)."""
@@ -26,8 +19,7 @@ MODES = ("queries", "prompts")
 
 @dataclass(frozen=True)
 class SamConfig:
-    """segment_anything's ``Sam`` sizes and the input geometry its weights expect. Defaults: SAM ViT-B
-    (``build_sam_vit_b``) with SAM v1's ``longest_side`` geometry (see :data:`INPUT_GEOMETRIES`)."""
+    """segment_anything's ``Sam`` sizes. Defaults: SAM ViT-B (``build_sam_vit_b``)."""
 
     image_size: int = 1024
     patch_size: int = 16
@@ -43,11 +35,8 @@ class SamConfig:
     decoder_mlp_dim: int = 2048
     decoder_num_heads: int = 8
     iou_head_hidden_dim: int = 256
-    input_geometry: str = "longest_side"
 
     def __post_init__(self) -> None:
-        if self.input_geometry not in INPUT_GEOMETRIES:
-            raise ValueError(f"sam input_geometry must be one of {INPUT_GEOMETRIES}, got {self.input_geometry!r}")
         if self.image_size % self.patch_size:
             raise ValueError(f"sam image_size {self.image_size} must be a multiple of patch_size {self.patch_size}")
         if self.prompt_embed_dim % 8:

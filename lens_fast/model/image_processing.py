@@ -5,7 +5,7 @@ Qwen2.5-VL (as ``Qwen2VLImageProcessor``): resize (bicubic) so both sides are mu
 CLIP mean/std, then flatten into ``grid_h * grid_w`` patches of ``3 * temporal_patch_size *
 patch_size^2`` values, ordered by merge window. SAM: as segment_anything's ``SamPredictor.set_image``,
 each image resized to its input size inside SAM's square (``Segmenter.input_size``: SAM v1's longest
-side, or the whole square), ImageNet mean/std in 0-255 units, zero-padded bottom/right to the square.
+side to ``image_size``, aspect kept), ImageNet mean/std in 0-255 units, zero-padded bottom/right.
 """
 from __future__ import annotations
 

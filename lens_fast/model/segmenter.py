@@ -1,17 +1,17 @@
 """SAM as the segmenter: segment_anything's image encoder, prompt encoder and (fused) mask decoder.
 
-Geometry (``SamConfig.input_geometry``, :data:`~lens_fast.model.config.INPUT_GEOMETRIES`): an image of
-(H, W) occupies (h, w) = :meth:`Segmenter.input_size` of SAM's ``image_size`` square input, the one
-place the model computes it. ``longest_side`` (the default, and what the released SAM v1 ViT-B/L/H
-weights were trained with): SAM v1's ``ResizeLongestSide`` (``ops.resize_longest_side``: longest side
-to ``image_size``, aspect kept), zero-padded bottom/right. ``square``: (h, w) = the whole square, the
-image squashed (SAM2's and LENS's released code's way; the tiny default, whose SAM trains from scratch).
-Boxes and points given here are xyxy / xy pixels of the original image, mapped into SAM's frame by
-``x * w / W``, ``y * h / H`` (``ResizeLongestSide.apply_coords``). Masks come back as SAM's low-res logits
-[N, 4e, 4e] (e = the embedding grid side; 256 x 256 for the real models), brought to each image's own
-size by :meth:`Segmenter.masks` / :meth:`Segmenter.mask_stats` / :meth:`Segmenter.mask_loss`: bilinear
-to the square, cropped to (h, w), bilinear to (H, W) (``Sam.postprocess_masks``). With ``longest_side``,
-same image, box and weights give the same masks as ``SamPredictor``.
+Geometry: the segmenter is always segment_anything's ``Sam`` (SAM v1: the released ViT-B/L/H weights,
+or a random one such as the tiny default's, trained from scratch), so it always feeds images as SAM v1
+was trained: an image of (H, W) is resized so its longest side is ``image_size``, aspect kept, to (h, w)
+= :meth:`Segmenter.input_size` (``ops.resize_longest_side``, the one place the model computes it), and
+zero-padded bottom/right to the ``image_size`` square. Boxes and points given here are xyxy / xy pixels
+of the original image, mapped into that frame by ``x * w / W``, ``y * h / H``
+(``ResizeLongestSide.apply_coords``). Masks come back as SAM's low-res logits [N, 4e, 4e] (e = the
+embedding grid side; 256 x 256 for the real models), brought to each image's own size by
+:meth:`Segmenter.masks` / :meth:`Segmenter.mask_stats` / :meth:`Segmenter.mask_loss`: bilinear to the
+square, cropped to (h, w), bilinear to (H, W) (``Sam.postprocess_masks``). Same image, box and weights:
+the same masks as ``SamPredictor``. (LENS's released code uses SAM2, which squashes each image to the
+square instead.)
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncode
 from torch import nn
 
 from lens_fast import ops
-from lens_fast.model.config import INPUT_GEOMETRIES, SamConfig
+from lens_fast.model.config import SamConfig
 from lens_fast.model.image_processing import SAM_PIXEL_MEAN, SAM_PIXEL_STD, sam_input
 from lens_fast.nn import fuse_mask_decoder
 from lens_fast.rewards import ParsedAnswer
@@ -89,14 +89,11 @@ def build_sam(config: SamConfig) -> Sam:
 
 
 class Segmenter(nn.Module):
-    """SAM with its mask decoder fused (:func:`lens_fast.nn.fuse_mask_decoder`), feeding images in
-    ``input_geometry`` (the geometry ``sam``'s weights expect; see the module docstring)."""
+    """SAM with its mask decoder fused (:func:`lens_fast.nn.fuse_mask_decoder`), fed in SAM v1's geometry
+    (see the module docstring)."""
 
-    def __init__(self, sam: Sam, input_geometry: str = "longest_side") -> None:
+    def __init__(self, sam: Sam) -> None:
         super().__init__()
-        if input_geometry not in INPUT_GEOMETRIES:
-            raise ValueError(f"input_geometry must be one of {INPUT_GEOMETRIES}, got {input_geometry!r}")
-        self.input_geometry = input_geometry
         fuse_mask_decoder(sam.mask_decoder)
         self.image_encoder = sam.image_encoder
         self.prompt_encoder = sam.prompt_encoder
@@ -121,10 +118,8 @@ class Segmenter(nn.Module):
 
     def input_size(self, original_size: Sequence[int]) -> tuple[int, int]:
         """(h, w) of an image of ``original_size`` (H, W) inside SAM's square input: SAM v1's
-        ``ResizeLongestSide`` (``ops.resize_longest_side``) or, in the ``square`` geometry, the whole
-        square. The one place the model computes it (preprocessing, prompts, masks, loss, rewards)."""
-        if self.input_geometry == "square":
-            return self.image_size, self.image_size
+        ``ResizeLongestSide`` (``ops.resize_longest_side``). The one place the model computes it
+        (preprocessing, prompts, masks, mask loss, mask statistics and rewards)."""
         return ops.resize_longest_side(tuple(original_size), self.image_size)
 
     def masks(self, low_res: torch.Tensor, original_size: Sequence[int], threshold: Optional[float] = 0.0) -> torch.Tensor:
