@@ -53,6 +53,7 @@ import torch.nn.functional as F
 
 from bench_utils import vm_kib
 
+from lens_fast import ops
 from lens_fast.data import SyntheticConfig, SyntheticRefDataset
 from lens_fast.model import ImageCache, build_tiny_lens
 from lens_fast.model import prompts as prompt_text
@@ -318,7 +319,7 @@ _BOX = re.compile(rf"<\|box_start\|>\(\s*{_NUM}\s*,\s*{_NUM}\s*\)\s*,\s*\(\s*{_N
 def per_completion_reward(texts, low_res, gt_masks, gt_boxes, policy_sizes, original_sizes, image_size):
     """LENS reward one completion at a time, as open-r1 / LENS-style reward functions are written: regex
     the answer's box, scale it to the image, box IoU in Python; upsample the mask (SAM's postprocess:
-    to the square input, then to the image's size) with ``F.interpolate`` and take its IoU."""
+    to the square input, crop its padding, then to the image's size) with ``F.interpolate`` and take its IoU."""
     group = len(texts) // len(gt_masks)
     out = []
     for i, text in enumerate(texts):
@@ -337,7 +338,8 @@ def per_completion_reward(texts, low_res, gt_masks, gt_boxes, policy_sizes, orig
             box_iou = inter / union if union > 0 else 0.0
         x = low_res[i][None, None].float()
         x = F.interpolate(x, (image_size, image_size), mode="bilinear", align_corners=False)
-        x = F.interpolate(x, tuple(gt_masks[b].shape), mode="bilinear", align_corners=False)[0, 0]
+        input_h, input_w = ops.resize_longest_side(tuple(gt_masks[b].shape), image_size)  # SAM v1: crop the padding
+        x = F.interpolate(x[..., :input_h, :input_w], tuple(gt_masks[b].shape), mode="bilinear", align_corners=False)[0, 0]
         pred, gt = x > 0, gt_masks[b]
         union = (pred | gt).sum().item()
         mask_iou = (pred & gt).sum().item() / union if union else 1.0
