@@ -583,7 +583,7 @@ def write_summary(output_dir: Path, state: TrainerState, has_full: bool, wall_ti
     if has_full:
         summary["val_full"] = [{"after": e["after"], **e["full"]} for e in state.val]
     records = log.records()
-    summary["stage2_box_reward"] = box_reward_rise(records)
+    summary["stage2_rewards"] = reward_rise(records)
     (output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     plot_curves(records, summary["val"], output_dir / "curves.png")
     log.close()
@@ -622,25 +622,41 @@ def rollout_record(scores: dict[str, torch.Tensor], group: int, completions: Com
             "truncated": float(completions.truncated.float().mean())}
 
 
-def box_reward_rise(records: list[dict]) -> Optional[dict]:
-    """Mean stage-2 box reward over the first and the last tenth of the logged stage-2 steps."""
-    values = [r["reward/box/mean"] for r in records if r.get("stage") == "grpo" and "reward/box/mean" in r]
-    if not values:
-        return None
-    tenth = max(1, len(values) // 10)
-    first, last = sum(values[:tenth]) / tenth, sum(values[-tenth:]) / tenth
-    return {"first_tenth": first, "last_tenth": last, "rise": last - first}
+def reward_rise(records: list[dict]) -> dict[str, dict]:
+    """For each stage-2 reward component (``total``, ``box``, ...): its mean over the first and the last
+    tenth of the logged stage-2 steps, and the rise between them."""
+    rises = {}
+    grpo = [r for r in records if r.get("stage") == "grpo"]
+    for key in sorted({k for r in grpo for k in r if k.startswith("reward/") and k.endswith("/mean")}):
+        values = [r[key] for r in grpo if r.get(key) is not None]
+        tenth = max(1, len(values) // 10)
+        first, last = sum(values[:tenth]) / tenth, sum(values[-tenth:]) / tenth
+        rises[key[len("reward/"):-len("/mean")]] = {"first_tenth": first, "last_tenth": last, "rise": last - first}
+    return rises
+
+
+VAL_COLUMNS = (("gIoU", "mask_iou"), ("cIoU", "cIoU"), ("box IoU", "box_iou"), ("box Acc@0.5", "box_acc"))
 
 
 def summary_table(summary: dict) -> str:
-    lines = ["validation (held out)   gIoU    cIoU   box IoU"]
+    """The printed end of a run: every held-out validation, then what stage 2 (GRPO) changed: the
+    stage-1 and stage-2 figures side by side with the difference, and each reward component's rise."""
+    lines = ["validation (held out)   " + "  ".join(f"{name:>11}" for name, _ in VAL_COLUMNS)]
     for name in ("val", "val_full"):
         for entry in summary.get(name, []):
             label = f"{'' if name == 'val' else 'full '}{entry['after']}"
-            lines.append(f"  {label:<20} {entry['mask_iou']:.3f}   {entry['cIoU']:.3f}   {entry['box_iou']:.3f}")
-    rise = summary.get("stage2_box_reward")
-    if rise:
-        lines.append(f"stage-2 box reward: {rise['first_tenth']:.3f} -> {rise['last_tenth']:.3f} (rise {rise['rise']:+.3f})")
+            lines.append(f"  {label:<21} " + "  ".join(f"{entry[key]:>11.3f}" for _, key in VAL_COLUMNS))
+    after = {e["after"]: e for e in summary.get("val", [])}
+    if "stage1" in after and "stage2" in after:
+        lines.append("what stage 2 (GRPO) changed, held out:   after stage 1   after stage 2   difference")
+        for name, key in VAL_COLUMNS:
+            before, now = after["stage1"][key], after["stage2"][key]
+            lines.append(f"  {name:<38} {before:>13.3f}   {now:>13.3f}   {now - before:>+10.3f}")
+    rises = summary.get("stage2_rewards") or {}
+    if rises:
+        lines.append("stage-2 rewards of the sampled answers:   first tenth     last tenth       rise")
+        for name, rise in rises.items():
+            lines.append(f"  {name:<38} {rise['first_tenth']:>13.3f}   {rise['last_tenth']:>13.3f}   {rise['rise']:>+10.3f}")
     lines.append(f"wall time {summary['wall_time_s']:.0f} s")
     return "\n".join(lines)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 
 class MetricsLog:
@@ -44,8 +44,35 @@ class MetricsLog:
             self.writer.close()
 
 
+def moving_average(values: Sequence[float], window: int) -> list[float]:
+    """Trailing mean over the last ``window`` values (fewer at the start): same length as ``values``."""
+    if window < 1:
+        raise ValueError(f"window must be >= 1, got {window!r}")
+    out, total = [], 0.0
+    for i, value in enumerate(values):
+        total += value
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def smoothing_window(count: int) -> int:
+    """The moving average's window for ``count`` points: a fifteenth of them, at least 1."""
+    return max(1, count // 15)
+
+
+def _plot_smoothed(ax, steps: Sequence[int], values: Sequence[float], label: Optional[str], color: str) -> None:
+    """The raw points, faint, and their moving average, solid, in one colour."""
+    ax.plot(steps, values, color=color, alpha=0.25, linewidth=0.8)
+    ax.plot(steps, moving_average(values, smoothing_window(len(values))), color=color, linewidth=1.8, label=label)
+
+
 def plot_curves(records: list[dict], val: list[dict], path: Path) -> Optional[Path]:
-    """One PNG: stage-2 rewards, losses of both stages, validation metrics. None without matplotlib."""
+    """One PNG of the run, four panels: stage 2's reward components (raw points and their moving average),
+    the fraction of zero-variance groups (GRPO learns nothing from a group whose rewards are all equal),
+    the losses of both stages (smoothed), and the held-out validation before and after each stage.
+    None without matplotlib."""
     try:
         import matplotlib
 
@@ -53,23 +80,44 @@ def plot_curves(records: list[dict], val: list[dict], path: Path) -> Optional[Pa
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    colors = [f"C{i}" for i in range(10)]
+    fig, ((rewards, groups), (losses, validation)) = plt.subplots(2, 2, figsize=(13, 8))
     grpo = [r for r in records if r.get("stage") == "grpo"]
-    for key in sorted({k for r in grpo for k in r if k.startswith("reward/") and k.endswith("/mean")}):
-        axes[0].plot([r["step"] for r in grpo if key in r], [r[key] for r in grpo if key in r], label=key[7:-5])
-    axes[0].set_title("stage 2 rewards (mean)")
-    for key in ("loss", "bce", "dice", "answer_nll", "policy_loss"):
-        points = [(r["step"], r[key]) for r in records if r.get(key) is not None]
-        if points:
-            axes[1].plot(*zip(*points), label=key)
-    axes[1].set_title("losses")
+    keys = sorted({k for r in grpo for k in r if k.startswith("reward/") and k.endswith("/mean")})
+    for color, key in zip(colors, keys):
+        points = [(r["step"], r[key]) for r in grpo if r.get(key) is not None]
+        _plot_smoothed(rewards, [s for s, _ in points], [v for _, v in points], key[len("reward/"):-len("/mean")], color)
+    rewards.set_title("stage 2 (GRPO): rewards of the sampled answers, per component")
+    points = [(r["step"], r["zero_variance_groups"]) for r in grpo if r.get("zero_variance_groups") is not None]
+    if points:
+        _plot_smoothed(groups, [s for s, _ in points], [v for _, v in points], "zero-variance groups", colors[0])
+        groups.set_ylim(-0.05, 1.05)
+    groups.set_title("stage 2: fraction of groups whose rewards are all equal (no signal)")
+    for color, key in zip(colors, ("loss", "bce", "dice", "answer_nll", "policy_loss", "kl")):
+        for stage in ("align", "grpo"):  # each stage smoothed on its own
+            points = [(r["step"], r[key]) for r in records if r.get(key) is not None and r.get("stage") == stage]
+            if points:
+                label = key if not any(line.get_label() == key for line in losses.get_lines()) else None
+                _plot_smoothed(losses, [s for s, _ in points], [v for _, v in points], label, color)
+    boundary = min((r["step"] for r in grpo), default=None)
+    for ax in (rewards, groups, losses):
+        if boundary is not None:
+            ax.axvline(boundary, color="grey", linestyle=":", linewidth=1)
+        ax.set_xlabel("step")
+    losses.set_title("losses (moving average; dotted: stage 2 begins)")
     names = [v["after"] for v in val]
-    for key in ("mask_iou", "cIoU", "box_iou"):
-        axes[2].plot(names, [v[key] for v in val], marker="o", label=key)
-    axes[2].set_title("validation")
-    for ax in axes:
-        ax.legend(fontsize=7)
-        ax.set_xlabel("step" if ax is not axes[2] else "after")
+    metrics = ("mask_iou", "cIoU", "box_iou")
+    width = 0.8 / len(metrics)
+    for i, (color, key) in enumerate(zip(colors, metrics)):
+        xs = [j + (i - (len(metrics) - 1) / 2) * width for j in range(len(names))]
+        bars = validation.bar(xs, [v[key] for v in val], width, color=color, label={"mask_iou": "gIoU", "box_iou": "box IoU"}.get(key, key))
+        validation.bar_label(bars, fmt="%.2f", fontsize=7)
+    validation.set_xticks(range(len(names)), [f"after {n}" for n in names])
+    validation.set_ylim(0, 1)
+    validation.set_title("held-out validation, before and after each stage")
+    for ax in (rewards, groups, losses, validation):
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
