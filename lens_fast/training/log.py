@@ -112,7 +112,7 @@ def plot_curves(records: list[dict], val: list[dict], path: Path) -> Optional[Pa
         xs = [j + (i - (len(metrics) - 1) / 2) * width for j in range(len(names))]
         bars = validation.bar(xs, [v[key] for v in val], width, color=color, label={"mask_iou": "gIoU", "box_iou": "box IoU"}.get(key, key))
         validation.bar_label(bars, fmt="%.2f", fontsize=7)
-    validation.set_xticks(range(len(names)), [f"after {n}" for n in names])
+    validation.set_xticks(range(len(names)), [n if n == "start" else f"after {n}" for n in names])
     validation.set_ylim(0, 1)
     validation.set_title("held-out validation, before and after each stage")
     for ax in (rewards, groups, losses, validation):
