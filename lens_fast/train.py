@@ -59,7 +59,8 @@ def build_datasets(config: TrainConfig):
                                         skip_bad_rows=config.skip_bad_rows)
         return train, val, None
     easy = SyntheticConfig(kinds=config.synthetic_kinds, min_radius=config.synthetic_min_radius,
-                           max_radius=config.synthetic_max_radius, max_objects=config.synthetic_max_objects)
+                           max_radius=config.synthetic_max_radius, max_objects=config.synthetic_max_objects,
+                           coordinate_ramp=config.synthetic_coordinate_ramp)
     train = SyntheticRefDataset("train", size=10**9, seed=config.seed, config=easy)
     val = SyntheticRefDataset(config.val_split, seed=config.seed, config=easy)
     full = SyntheticRefDataset(config.val_split, seed=config.seed) if easy != SyntheticConfig() else None

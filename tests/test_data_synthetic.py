@@ -244,3 +244,30 @@ def test_bad_arguments_are_named():
         SyntheticRefDataset("val", size=3)[1.0]
     with pytest.raises(ValueError, match="collate_samples needs at least one sample"):
         collate_samples([])
+
+
+@pytest.mark.parametrize("ramp", [1.0, 40.0, 127.0])
+def test_coordinate_ramp_adds_the_position_to_every_pixel_and_nothing_else(ramp):
+    plain = SyntheticRefDataset("val", size=6, seed=3)
+    ramped = SyntheticRefDataset("val", size=6, seed=3, config=SyntheticConfig(coordinate_ramp=ramp))
+    for a, b in zip(plain, ramped):
+        assert a.expression == b.expression and np.array_equal(a.mask, b.mask) and np.array_equal(a.box, b.box)
+        h, w = a.image.shape[:2]
+        x = ramp * np.linspace(-1, 1, w, dtype=np.float32)[None, :]
+        y = ramp * np.linspace(-1, 1, h, dtype=np.float32)[:, None]
+        # the same scene before rounding: the ramped pixels differ from the plain ones by the ramp, to within
+        # the two roundings, except where either image is clipped
+        diff = b.image.astype(np.float32) - a.image.astype(np.float32)
+        inside = lambda channel: (a.image[..., channel] > 0) & (a.image[..., channel] < 255) & (b.image[..., channel] > 0) & (b.image[..., channel] < 255)  # noqa: E731
+        assert np.abs(diff[..., 0] - x)[inside(0)].max() <= 1.0
+        assert np.abs(diff[..., 2] - y)[inside(2)].max() <= 1.0
+        assert np.abs(diff[..., 1])[inside(1)].max() == 0.0
+        # left-to-right in red, top-to-bottom in blue: the column means rise with x
+        assert diff[:, -1, 0].mean() - diff[:, 0, 0].mean() > 1.5 * ramp
+        assert diff[-1, :, 2].mean() - diff[0, :, 2].mean() > 1.5 * ramp
+
+
+@pytest.mark.parametrize("ramp", [-1.0, 128.0, float("nan")])
+def test_coordinate_ramp_out_of_range_is_refused(ramp):
+    with pytest.raises(ValueError, match="coordinate_ramp"):
+        SyntheticConfig(coordinate_ramp=ramp)

@@ -240,3 +240,12 @@ def test_lr_schedule_warms_up_from_zero_then_decays_to_a_tenth(schedule):
         assert all(a >= b for a, b in zip(lrs[4:], lrs[5:]))
     else:
         assert lrs[4:] == pytest.approx([1.0] * 21)
+
+
+def test_coordinate_ramp_reaches_the_training_and_val_scenes_never_the_full_split():
+    config, _ = train_config.parse_args(["--synthetic-coordinate-ramp", "60"])
+    train_set, val_set, full = train.build_datasets(config)
+    assert train_set.config.coordinate_ramp == 60.0 and val_set.config.coordinate_ramp == 60.0
+    assert full is not None and full.config.coordinate_ramp == 0.0
+    default, _ = train_config.parse_args([])
+    assert train.build_datasets(default)[0].config.coordinate_ramp == 0.0

@@ -68,8 +68,16 @@ class SyntheticConfig:
     min_visible: float = 0.6  # fraction of an object's own area left visible under occluders
     pixel_noise: float = 3.0  # std of the Gaussian brightness noise added to every pixel
     kinds: Tuple[str, ...] = KINDS  # expression kinds to draw from (e.g. ("attribute",) for an easy start)
+    # A training aid, off by default: grey levels of a linear ramp added to every pixel, objects included
+    # (red from -A at the left edge to +A at the right, blue from -A at the top to +A at the bottom), so
+    # that a patch's values say where it is. Qwen2.5-VL's vision tower has no absolute position embedding;
+    # a tiny random one cannot localise without it (a linear probe reads the patch position from the
+    # tiny policy's vision tokens with R^2 0.75 at A = 80, 0.02 at A = 0: bench/RESULTS.md, issue 17).
+    coordinate_ramp: float = 0.0
 
     def __post_init__(self) -> None:
+        if not (0.0 <= self.coordinate_ramp <= 127.0):
+            raise ValueError(f"coordinate_ramp must be in [0, 127] grey levels, got {self.coordinate_ramp!r}")
         if not self.kinds or not set(self.kinds) <= set(KINDS) or len(set(self.kinds)) != len(self.kinds):
             raise ValueError(f"kinds must be distinct names from {KINDS}, got {self.kinds!r}")
         if not (16 <= self.min_side <= self.max_side):
@@ -298,6 +306,9 @@ def _render(rng: np.random.Generator, config: SyntheticConfig, height: int, widt
         rgb = np.asarray(COLOURS[colour], dtype=np.float32) + rng.uniform(-12, 12, size=3)
         image[visible] = rgb
     image += config.pixel_noise * rng.standard_normal(size=(height, width, 1), dtype=np.float32)
+    if config.coordinate_ramp:
+        image[..., 0] += config.coordinate_ramp * np.linspace(-1.0, 1.0, width, dtype=np.float32)[None, :]
+        image[..., 2] += config.coordinate_ramp * np.linspace(-1.0, 1.0, height, dtype=np.float32)[:, None]
     return np.clip(np.rint(image), 0, 255).astype(np.uint8)
 
 

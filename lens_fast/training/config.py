@@ -135,6 +135,10 @@ class TrainConfig:
     synthetic_max_radius: float = _option(0.25, "synthetic: largest object radius, a fraction of the image's shorter side",
                                           bounds=Range(0.02, 0.3))
     synthetic_max_objects: int = _option(4, "synthetic: most objects in a scene", bounds=Range(2, 8))
+    synthetic_coordinate_ramp: float = _option(0.0, "synthetic: a training aid, grey levels of a position ramp added to "
+                                                    "every pixel (red left to right, blue top to bottom) so that a policy "
+                                                    "without grounding pretraining can see where a patch is; 0: off (the "
+                                                    "full-difficulty split never has it)", bounds=Range(0.0, 127.0))
     data_root: str = _option("", "refcoco: the directory holding <dataset>/refs(<split_by>).p and instances.json; "
                                  "hf: a save_to_disk or parquet directory, or a hub name in the datasets cache")
     dataset: str = _option("refcoco", "refcoco / hf: which of the three", choices=DATASETS)
