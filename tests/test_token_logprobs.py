@@ -78,12 +78,13 @@ def test_values_and_grads_match_naive(rng, backend, dtype, n, d, v, chunk, bias,
         if exact is None:
             torch.testing.assert_close(g / scale, w / scale, **close(dtype))
             continue
-        # fp32: as close to the float64 gradient as the naive fp32 path is (within 4x), or within 1e-5 of
-        # the scale. A gradient summed over V = 40000 logits in another order differs from the naive
-        # one by more than 1e-5 of its largest entry when the terms cancel (sum of p - onehot is 0).
+        # fp32: as close to the float64 gradient as the naive fp32 path is (within 4x), or within float32
+        # rounding of a V-term sum (2 sqrt(V) eps of the scale, at least 1e-5): the hidden gradient sums
+        # V terms (p - onehot) W that cancel, so its rounding is relative to the terms, not to the result
+        # (V = 40000: worst of 40 seeds 1.8e-5 on both backends, bound 4.8e-5).
         naive_error = ((w.double() - exact[i]).abs().max() / scale).item()
         error = ((g.double() - exact[i]).abs().max() / scale).item()
-        assert error <= max(4 * naive_error, 1e-5), (i, error, naive_error)
+        assert error <= max(4 * naive_error, 2 * v**0.5 * 2**-23, 1e-5), (i, error, naive_error)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
