@@ -37,7 +37,7 @@ from lens_fast.training.checkpoint import (
 )
 from lens_fast.training.config import TrainConfig, parse_args
 from lens_fast.training.distributed import World, close_world, data_parallel, gathered, gradient_sync, init_world, shard_model
-from lens_fast.training.log import MetricsLog, plot_curves
+from lens_fast.training.log import MetricsLog, plot_curves, reward_rise
 from lens_fast.training.losses import answer_nll
 from lens_fast.training.optim import LeanAdamW, build_adamw, clip_grad_norm
 from lens_fast.training.rollout_rewards import mask_iou_from_low_res, rollout_rewards
@@ -621,19 +621,6 @@ def rollout_record(scores: dict[str, torch.Tensor], group: int, completions: Com
     return {**record, "zero_variance_groups": grpo.zero_variance_fraction(scores["total"], group),
             "mask_iou": float(scores["mask_iou"].mean()), "completion_length": float(completions.lengths.float().mean()),
             "truncated": float(completions.truncated.float().mean())}
-
-
-def reward_rise(records: list[dict]) -> dict[str, dict]:
-    """For each stage-2 reward component (``total``, ``box``, ...): its mean over the first and the last
-    tenth of the logged stage-2 steps, and the rise between them."""
-    rises = {}
-    grpo = [r for r in records if r.get("stage") == "grpo"]
-    for key in sorted({k for r in grpo for k in r if k.startswith("reward/") and k.endswith("/mean")}):
-        values = [r[key] for r in grpo if r.get(key) is not None]
-        tenth = max(1, len(values) // 10)
-        first, last = sum(values[:tenth]) / tenth, sum(values[-tenth:]) / tenth
-        rises[key[len("reward/"):-len("/mean")]] = {"first_tenth": first, "last_tenth": last, "rise": last - first}
-    return rises
 
 
 VAL_COLUMNS = (("gIoU", "mask_iou"), ("cIoU", "cIoU"), ("box IoU", "box_iou"), ("box Acc@0.5", "box_acc"))

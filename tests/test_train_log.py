@@ -2,7 +2,7 @@
 import pytest
 
 from lens_fast import train
-from lens_fast.training.log import moving_average, plot_curves, smoothing_window
+from lens_fast.training.log import moving_average, plot_curves, reward_rise, smoothing_window
 
 
 def test_moving_average_is_the_trailing_mean():
@@ -30,17 +30,17 @@ VAL = [{"after": a, "step": s, "mask_iou": g, "cIoU": c, "box_iou": b, "box_acc"
 
 
 def test_reward_rise_per_component_over_the_first_and_last_tenth():
-    rises = train.reward_rise(_records())
+    rises = reward_rise(_records())
     assert set(rises) == {"total", "box", "mask"}
     assert rises["box"]["first_tenth"] == pytest.approx((0.1 + 0.12) / 2)
     assert rises["box"]["last_tenth"] == pytest.approx((0.1 + 18 / 50 + 0.1 + 19 / 50) / 2)
     assert rises["box"]["rise"] == pytest.approx(0.36)
     assert rises["mask"]["rise"] == pytest.approx(0.0)
-    assert train.reward_rise([r for r in _records() if r["stage"] != "grpo"]) == {}
+    assert reward_rise([r for r in _records() if r["stage"] != "grpo"]) == {}
 
 
 def test_summary_prints_what_grpo_changed_side_by_side():
-    summary = {"val": VAL, "wall_time_s": 12.0, "stage2_rewards": train.reward_rise(_records())}
+    summary = {"val": VAL, "wall_time_s": 12.0, "stage2_rewards": reward_rise(_records())}
     text = train.summary_table(summary)
     changed = text[text.index("what stage 2 (GRPO) changed"):].splitlines()
     box = next(line for line in changed if line.strip().startswith("box IoU"))

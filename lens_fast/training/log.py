@@ -62,8 +62,29 @@ def smoothing_window(count: int) -> int:
     return max(1, count // 15)
 
 
-def _plot_smoothed(ax, steps: Sequence[int], values: Sequence[float], label: Optional[str], color: str) -> None:
-    """The raw points, faint, and their moving average, solid, in one colour."""
+def reward_series(records: list[dict]) -> dict[str, list[tuple[int, float]]]:
+    """Each stage-2 reward component's logged (step, mean) points, by component name (``total``, ``box``...)."""
+    grpo = [r for r in records if r.get("stage") == "grpo"]
+    keys = sorted({k for r in grpo for k in r if k.startswith("reward/") and k.endswith("/mean")})
+    return {key[len("reward/"):-len("/mean")]: [(r["step"], r[key]) for r in grpo if r.get(key) is not None]
+            for key in keys}
+
+
+def reward_rise(records: list[dict]) -> dict[str, dict]:
+    """For each stage-2 reward component: its mean over the first and the last tenth of the logged
+    stage-2 steps, and the rise between them."""
+    rises = {}
+    for name, points in reward_series(records).items():
+        values = [v for _, v in points]
+        tenth = max(1, len(values) // 10)
+        first, last = sum(values[:tenth]) / tenth, sum(values[-tenth:]) / tenth
+        rises[name] = {"first_tenth": first, "last_tenth": last, "rise": last - first}
+    return rises
+
+
+def _plot_smoothed(ax, points: Sequence[tuple[int, float]], label: Optional[str], color: str) -> None:
+    """The (step, value) points, faint, and their moving average, solid, in one colour."""
+    steps, values = [s for s, _ in points], [v for _, v in points]
     ax.plot(steps, values, color=color, alpha=0.25, linewidth=0.8)
     ax.plot(steps, moving_average(values, smoothing_window(len(values))), color=color, linewidth=1.8, label=label)
 
@@ -83,22 +104,21 @@ def plot_curves(records: list[dict], val: list[dict], path: Path) -> Optional[Pa
     colors = [f"C{i}" for i in range(10)]
     fig, ((rewards, groups), (losses, validation)) = plt.subplots(2, 2, figsize=(13, 8))
     grpo = [r for r in records if r.get("stage") == "grpo"]
-    keys = sorted({k for r in grpo for k in r if k.startswith("reward/") and k.endswith("/mean")})
-    for color, key in zip(colors, keys):
-        points = [(r["step"], r[key]) for r in grpo if r.get(key) is not None]
-        _plot_smoothed(rewards, [s for s, _ in points], [v for _, v in points], key[len("reward/"):-len("/mean")], color)
+    for color, (name, points) in zip(colors, reward_series(records).items()):
+        _plot_smoothed(rewards, points, name, color)
     rewards.set_title("stage 2 (GRPO): rewards of the sampled answers, per component")
     points = [(r["step"], r["zero_variance_groups"]) for r in grpo if r.get("zero_variance_groups") is not None]
     if points:
-        _plot_smoothed(groups, [s for s, _ in points], [v for _, v in points], "zero-variance groups", colors[0])
+        _plot_smoothed(groups, points, "zero-variance groups", colors[0])
         groups.set_ylim(-0.05, 1.05)
     groups.set_title("stage 2: fraction of groups whose rewards are all equal (no signal)")
     for color, key in zip(colors, ("loss", "bce", "dice", "answer_nll", "policy_loss", "kl")):
-        for stage in ("align", "grpo"):  # each stage smoothed on its own
+        label = key  # on the first stage that logs it: each stage is smoothed on its own
+        for stage in ("align", "grpo"):
             points = [(r["step"], r[key]) for r in records if r.get(key) is not None and r.get("stage") == stage]
             if points:
-                label = key if not any(line.get_label() == key for line in losses.get_lines()) else None
-                _plot_smoothed(losses, [s for s, _ in points], [v for _, v in points], label, color)
+                _plot_smoothed(losses, points, label, color)
+                label = None
     boundary = min((r["step"] for r in grpo), default=None)
     for ax in (rewards, groups, losses):
         if boundary is not None:
