@@ -62,12 +62,20 @@ def smoothing_window(count: int) -> int:
     return max(1, count // 15)
 
 
+def _in_stage(records: list[dict], stage: str) -> list[dict]:
+    return [r for r in records if r.get("stage") == stage]
+
+
+def _points(records: list[dict], key: str) -> list[tuple[int, float]]:
+    """The (step, value) points of the records that logged ``key``."""
+    return [(r["step"], r[key]) for r in records if r.get(key) is not None]
+
+
 def reward_series(records: list[dict]) -> dict[str, list[tuple[int, float]]]:
     """Each stage-2 reward component's logged (step, mean) points, by component name (``total``, ``box``...)."""
-    grpo = [r for r in records if r.get("stage") == "grpo"]
+    grpo = _in_stage(records, "grpo")
     keys = sorted({k for r in grpo for k in r if k.startswith("reward/") and k.endswith("/mean")})
-    return {key[len("reward/"):-len("/mean")]: [(r["step"], r[key]) for r in grpo if r.get(key) is not None]
-            for key in keys}
+    return {key[len("reward/"):-len("/mean")]: _points(grpo, key) for key in keys}
 
 
 def reward_rise(records: list[dict]) -> dict[str, dict]:
@@ -103,11 +111,11 @@ def plot_curves(records: list[dict], val: list[dict], path: Path) -> Optional[Pa
         return None
     colors = [f"C{i}" for i in range(10)]
     fig, ((rewards, groups), (losses, validation)) = plt.subplots(2, 2, figsize=(13, 8))
-    grpo = [r for r in records if r.get("stage") == "grpo"]
+    grpo = _in_stage(records, "grpo")
     for color, (name, points) in zip(colors, reward_series(records).items()):
         _plot_smoothed(rewards, points, name, color)
     rewards.set_title("stage 2 (GRPO): rewards of the sampled answers, per component")
-    points = [(r["step"], r["zero_variance_groups"]) for r in grpo if r.get("zero_variance_groups") is not None]
+    points = _points(grpo, "zero_variance_groups")
     if points:
         _plot_smoothed(groups, points, "zero-variance groups", colors[0])
         groups.set_ylim(-0.05, 1.05)
@@ -115,7 +123,7 @@ def plot_curves(records: list[dict], val: list[dict], path: Path) -> Optional[Pa
     for color, key in zip(colors, ("loss", "bce", "dice", "answer_nll", "policy_loss", "kl")):
         label = key  # on the first stage that logs it: each stage is smoothed on its own
         for stage in ("align", "grpo"):
-            points = [(r["step"], r[key]) for r in records if r.get(key) is not None and r.get("stage") == stage]
+            points = _points(_in_stage(records, stage), key)
             if points:
                 _plot_smoothed(losses, points, label, color)
                 label = None
