@@ -1,6 +1,7 @@
 """The LENS model (lens_fast.model) on the tiny configuration, CPU: shapes, the invariants a trainer relies
 on (queries leave text log-probs alone, batching/padding changes nothing), generation, agreement with
 transformers' own M-RoPE and image processor, masks at each image's size, weights in and out, bad input."""
+import copy
 import dataclasses
 import json
 
@@ -21,6 +22,7 @@ from lens_fast.model import (
     from_components,
     tiny_config,
 )
+from lens_fast.model import build as build_module
 from lens_fast.model import policy as policy_module
 from lens_fast.model.image_processing import QwenPatchConfig, load_image, qwen_patches
 from lens_fast.model.segmenter import NO_MASK_LOGIT, build_sam
@@ -371,6 +373,35 @@ def test_save_and_load_round_trip(model, tmp_path):
     got = loaded.segment(images, EXPRESSIONS, max_new_tokens=8)
     for w, g in zip(want, got):
         assert w.text == g.text and w.box == g.box and w.score == g.score and np.array_equal(w.mask, g.mask)
+
+
+def test_from_pretrained_builds_in_host_memory_and_moves_the_cast_weights(model, tmp_path, monkeypatch):
+    """The fp32 build and load happen on the CPU; the target device receives only the weights in ``dtype``
+    (an fp32 build on the GPU is 18 GB for the real recipe: stage 2's reference would not fit beside the
+    trained model on a 24 GB card). The meta device stands in for the accelerator here."""
+    model.save_pretrained(tmp_path / "ckpt")
+    built_on = []
+    real_build = build_module.build_lens
+    monkeypatch.setattr(build_module, "build_lens", lambda *a, **k: built_on.append(str(k["device"])) or real_build(*a, **k))
+    loaded = LensModel.from_pretrained(tmp_path / "ckpt", device="meta", dtype=torch.bfloat16)
+    assert built_on == ["cpu"]
+    want = copy.deepcopy(model).to(torch.bfloat16).state_dict()  # (SAM's prompt encoder stays fp32)
+    assert {name: (t.device.type, t.dtype) for name, t in loaded.state_dict().items()} == \
+        {name: ("meta", t.dtype) for name, t in want.items()}
+    on_cpu = LensModel.from_pretrained(tmp_path / "ckpt", dtype=torch.bfloat16).state_dict()
+    assert on_cpu.keys() == want.keys() and all(torch.equal(want[name], on_cpu[name]) for name in want)
+
+
+@pytest.mark.cuda
+def test_from_pretrained_to_cuda_peaks_at_the_final_weights(model, tmp_path):
+    """Loading onto the GPU in bf16 allocates little more than the bf16 weights (not an fp32 copy)."""
+    model.save_pretrained(tmp_path / "ckpt")
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    loaded = LensModel.from_pretrained(tmp_path / "ckpt", device="cuda", dtype=torch.bfloat16)
+    final = sum(t.numel() * t.element_size() for t in loaded.state_dict().values())
+    assert torch.cuda.max_memory_allocated() - before <= 1.1 * final + 2**20
 
 
 TINY_SAM = SamConfig(
