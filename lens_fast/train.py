@@ -379,13 +379,17 @@ def enter_stage(run: Run, state: TrainerState, stage: Stage) -> None:
 def reference_model(run: Run) -> Optional[LensModel]:
     """LENS's KL reference, frozen and whole on every process (None when ``beta`` is 0): the stage-1
     model (``checkpoints/stage1``), or without stage 1 the starting model, rebuilt: the same model
-    whether or not the run was resumed."""
+    whether or not the run was resumed. Only the policy and the context queries are kept: the KL needs the
+    completions' log-probs, not masks (SAM and the connector hold 1.6 GB in bf16 at the real sizes)."""
     if run.config.beta == 0:
         return None
     if run.config.stage1_steps:
         reference = from_pretrained(run.checkpoints / "stage1", device=run.device)
     else:
         reference = build_model(run.config, run.device)
+    for unused in ("segmenter", "connector"):
+        if hasattr(reference, unused):
+            delattr(reference, unused)
     return reference.requires_grad_(False).eval()
 
 

@@ -6,11 +6,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from lens_fast import train
+from lens_fast.data import SyntheticRefDataset
 from lens_fast.training import config as train_config
 from lens_fast.training.batches import MicroBatch, micro_batches
 from lens_fast.training.checkpoint import latest_checkpoint
@@ -249,3 +251,29 @@ def test_coordinate_ramp_reaches_the_training_and_val_scenes_never_the_full_spli
     assert full is not None and full.config.coordinate_ramp == 0.0
     default, _ = train_config.parse_args([])
     assert train.build_datasets(default)[0].config.coordinate_ramp == 0.0
+
+
+def test_the_kl_reference_keeps_the_policy_and_queries_and_gives_the_same_logprobs(tmp_path):
+    """The reference drops SAM and the connector (1.6 GB in bf16 at the real sizes): its parameters are
+    the starting model's policy and queries, and its log-probs of sampled completions are the whole model's."""
+    config = train_config.TrainConfig(stage1_steps=0, beta=0.04)
+    cpu = torch.device("cpu")
+    reference = train.reference_model(SimpleNamespace(config=config, device=cpu, checkpoints=tmp_path))
+    model = train.build_model(config, cpu).eval()
+    assert not hasattr(reference, "segmenter") and not hasattr(reference, "connector")
+    kept = dict(reference.named_parameters())
+    assert kept.keys() == {n for n, _ in model.named_parameters() if n.startswith(("policy.", "queries."))}
+    assert all(torch.equal(p, model.get_parameter(n)) and not p.requires_grad for n, p in kept.items())
+
+    dataset = SyntheticRefDataset("val", size=2, seed=3)
+    samples = [dataset[i] for i in range(2)]
+    images = model.prepare_images([s.image for s in samples])
+    prompts = model.tokenize_prompts(images, [s.expression for s in samples])
+    with torch.no_grad():
+        cache = model.encode(images, sam=False)
+        completions = model.generate(prompts, cache, num_generations=3, max_new_tokens=8, temperature=1.0,
+                                     generator=torch.Generator().manual_seed(0))
+        rows = micro_batches(2, 3, 0)[0]
+        want = train.reference_logprobs(model, prompts, cache, completions, rows, 0.9)
+        got = train.reference_logprobs(reference, prompts, cache, completions, rows, 0.9)
+    assert want.shape == (6, completions.ids.shape[1]) and torch.equal(got, want)

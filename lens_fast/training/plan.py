@@ -654,8 +654,8 @@ def assumptions(config: TrainConfig) -> str:
     return (
         f"a typical {TYPICAL_IMAGE[1]}x{TYPICAL_IMAGE[0]} RefCOCO image (synthetic data: its largest square); the completion at max_new_tokens (rows are padded to the "
         "longest completion; set --plan-completion-tokens for a typical length); the whole per-GPU group generated at once "
-        "(KV cache) and gradients freed after each step; the reference is a bf16 copy of the policy only (the trainer's "
-        "copy.deepcopy also copies SAM and the connector: +1.6 GB at the real sizes); the SAM encoder runs the images of one "
+        "(KV cache) and gradients freed after each step; the reference is a bf16 copy of the policy (the trainer keeps its "
+        "context queries, 0.1 M parameters, and drops SAM and the connector); the SAM encoder runs the images of one "
         "pass at a time; FSDP2 shards the trainable modules and the policy is unsharded for the rollout (the trainer's "
         "--sharding fsdp also shards the frozen SAM encoder, counted whole here: an upper bound); only combinations the "
         "trainer runs are searched. Step times assume a 24 GB RTX 4090-class card: "
