@@ -377,7 +377,7 @@ def enter_stage(run: Run, state: TrainerState, stage: Stage) -> None:
 
 
 def reference_model(run: Run) -> Optional[LensModel]:
-    """LENS's KL reference, frozen and whole on every process (None when ``beta`` is 0): the stage-1
+    """LENS's KL reference, frozen, the same on every process (None when ``beta`` is 0): the stage-1
     model (``checkpoints/stage1``), or without stage 1 the starting model, rebuilt: the same model
     whether or not the run was resumed. Only the policy and the context queries are kept: the KL needs the
     completions' log-probs, not masks (SAM and the connector hold 1.6 GB in bf16 at the real sizes)."""
